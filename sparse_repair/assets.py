@@ -1,0 +1,68 @@
+"""The one rule that finds data and weights: --assets DIR, else $SPARSE_REPAIR_ASSETS, else
+~/.cache/sparse_repair. Nothing in the project hard-codes a path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+ENV_VAR = "SPARSE_REPAIR_ASSETS"
+UNPACK_HINT = ("on this project's machines run `../shared/assets/unpack.sh .assets` and "
+               f"`export {ENV_VAR}=$PWD/.assets`; on a machine with internet pass --download")
+
+
+class AssetMissingError(FileNotFoundError):
+    """A data set or weight file is not under the asset root. The message says how to get it."""
+
+
+def asset_root(override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    return Path.home() / ".cache" / "sparse_repair"
+
+
+def cache_dir(root: Path | None = None) -> Path:
+    """Decoded-image caches live next to the data they came from."""
+    path = (root or asset_root()) / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise AssetMissingError(f"{what} not found: looked for {path} (asset root "
+                                f"{asset_root()}); {UNPACK_HINT}")
+    return path
+
+
+def download(url: str, dest: Path, sha256: str | None) -> Path:
+    """Fetch ``url`` to ``dest`` atomically and verify its sha256 (prefix or full digest)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        shutil.copyfileobj(r, f)
+    verify_sha256(tmp, sha256)
+    tmp.replace(dest)
+    return dest
+
+
+def verify_sha256(path: Path, sha256: str | None) -> None:
+    if sha256 is None:
+        return
+    digest = sha256_of(path)
+    if not digest.startswith(sha256):
+        raise ValueError(f"checksum mismatch for {path}: expected sha256 {sha256}..., got "
+                         f"{digest}; delete the file and fetch it again")
