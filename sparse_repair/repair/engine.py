@@ -1,0 +1,195 @@
+"""Paired execution of a dense model D and its pruned copy P over a calibration set.
+
+At every BatchNorm b (in forward order) the caller receives the pooled per-channel moments of
+b's input in D and in P, where P's input already reflects every upstream repair, and may change
+b before the data flows on. Two interchangeable paths:
+
+* ``onepass``: trace both models with torch.fx and execute the graphs node by node over all
+  calibration chunks; each BN's statistics are complete before the BN runs. One pass of D and
+  one of P; activations are freed after their last use, so memory is the live frontier.
+* ``rerun``: for each BN, run D and P from the input up to that BN (a temporary pre-hook stops
+  the forward there) and accumulate its statistics. About one partial pass per BN; used when a
+  model does not trace or the frontier would exceed ``memory_limit_bytes``.
+
+Both accumulate identical chunks with the same float64 merge, so they agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .stats import Moments, chunk_moments, merge
+
+OnBN = Callable[[str, _BatchNorm, Moments], None]
+
+
+class FrontierTooLarge(RuntimeError):
+    pass
+
+
+def _attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _map_chunk(args, env: dict, j: int):
+    return torch.fx.node.map_arg(args, lambda n: env[n][j])
+
+
+def _needed_nodes(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> set:
+    bn_nodes = [n for n in graph.nodes if n.op == "call_module"
+                and isinstance(modules.get(n.target), _BatchNorm)]
+    needed, stack = set(), list(bn_nodes)
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    return needed
+
+
+def _nbytes(values) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+
+def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Tensor],
+                on_bn: OnBN | None, memory_limit_bytes: float = float("inf")) -> int:
+    """Execute P (and D when given) graph-wise over all chunks. Returns the peak live bytes."""
+    graph_p = torch.fx.symbolic_trace(pruned).graph
+    mods_p = dict(pruned.named_modules())
+    mods_d = dict(dense.named_modules()) if dense is not None else {}
+    nodes = list(graph_p.nodes)
+    needed = _needed_nodes(graph_p, mods_p)
+    last_use: dict = {}
+    for i, node in enumerate(nodes):
+        if node in needed:
+            for inp in node.all_input_nodes:
+                last_use[inp] = i
+    seen_bn: set[str] = set()
+    env_p: dict = {}
+    env_d: dict = {}
+    k = len(chunks)
+    live = peak = 0
+    for i, node in enumerate(nodes):
+        if node not in needed:
+            continue
+        for env, model, mods in ((env_p, pruned, mods_p), (env_d, dense, mods_d)):
+            if model is None:
+                continue
+            if node.op == "placeholder":
+                env[node] = chunks
+            elif node.op == "get_attr":
+                env[node] = [_attr(model, node.target)] * k
+            elif node.op == "call_module":
+                mod = mods[node.target]
+                if env is env_p and isinstance(mod, _BatchNorm):
+                    if node.target in seen_bn:
+                        raise RuntimeError(f"BatchNorm {node.target} is called twice; the paired "
+                                           "repair needs each BN to see one input")
+                    seen_bn.add(node.target)
+                    if on_bn is not None:
+                        src = node.args[0]
+                        moments = None
+                        for j in range(k):
+                            d = env_d[src][j] if dense is not None else None
+                            moments = merge(moments, chunk_moments(env_p[src][j], d))
+                        on_bn(node.target, mod, moments)
+                env[node] = [mod(*_map_chunk(node.args, env, j), **_map_chunk(node.kwargs, env, j))
+                             for j in range(k)]
+            elif node.op == "call_function":
+                env[node] = [node.target(*_map_chunk(node.args, env, j),
+                                         **_map_chunk(node.kwargs, env, j)) for j in range(k)]
+            elif node.op == "call_method":
+                env[node] = []
+                for j in range(k):
+                    self_, *rest = _map_chunk(node.args, env, j)
+                    env[node].append(getattr(self_, node.target)(
+                        *rest, **_map_chunk(node.kwargs, env, j)))
+            if node.op not in ("placeholder", "get_attr"):
+                live += _nbytes(env[node])
+        for inp in node.all_input_nodes:
+            if last_use.get(inp) == i:
+                for env in (env_p, env_d):
+                    vals = env.pop(inp, None)
+                    if vals is not None and inp.op not in ("placeholder", "get_attr"):
+                        live -= _nbytes(vals)
+        peak = max(peak, live)
+        if peak > memory_limit_bytes:
+            raise FrontierTooLarge(f"live activations reached {peak / 2**30:.2f} GiB")
+    return peak
+
+
+class _Stop(Exception):
+    pass
+
+
+def bn_forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """BatchNorm names in the order a forward pass calls them (one probe image)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
+               for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _capture_input(model: nn.Module, bn_name: str, x: torch.Tensor) -> torch.Tensor:
+    captured = []
+
+    def hook(mod, inp):
+        captured.append(inp[0])
+        raise _Stop
+
+    handle = dict(model.named_modules())[bn_name].register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def run_rerun(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Tensor],
+              on_bn: OnBN) -> int:
+    """Per-BN re-run path. Returns the number of (partial) passes of P."""
+    order = bn_forward_order(pruned, chunks[0])
+    mods_p = dict(pruned.named_modules())
+    for name in order:
+        moments = None
+        for x in chunks:
+            s = _capture_input(pruned, name, x)
+            d = _capture_input(dense, name, x) if dense is not None else None
+            moments = merge(moments, chunk_moments(s, d))
+        on_bn(name, mods_p[name], moments)
+    return len(order)
+
+
+def traces(model: nn.Module) -> bool:
+    try:
+        torch.fx.symbolic_trace(model)
+        return True
+    except Exception:
+        return False
+
+
+def estimate_frontier_bytes(pruned: nn.Module, dense: nn.Module | None,
+                            example: torch.Tensor, n_images: int) -> float:
+    """Peak live bytes of the one-pass path, from a probe on 2 images scaled to n_images."""
+    probe = example[:2]
+    peak = run_onepass(pruned, dense, [probe], None)
+    return peak / probe.shape[0] * n_images
+
+
