@@ -45,6 +45,90 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval / run
+
+def _load_model(args: argparse.Namespace):
+    """(model, data set's class count) from --pretrained, --weights (shared format or ours)."""
+    from .data import get_spec
+    from .models import create_model
+    from .weights import load_checkpoint_into, load_pretrained
+
+    classes = get_spec(args.dataset).num_classes
+    if args.weights:
+        sidecar = args.weights + ".json"
+        if os.path.exists(sidecar):
+            from .weights import load_trained
+
+            return load_trained(args.weights)[0]
+        return load_checkpoint_into(create_model(args.model, classes), args.weights).eval()
+    if args.pretrained:
+        return load_pretrained(args.model, allow_download=args.download)
+    raise ValueError("no weights given: pass --pretrained or --weights FILE (a random model "
+                     "has nothing to evaluate)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    model = _load_model(args)
+    if args.download:
+        from .data import get_spec, load_split
+
+        load_split(args.dataset, get_spec(args.dataset).splits[1], download=True)
+    res = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
+                   device=args.device, resolution=args.resolution, progress=not args.json)
+    res["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        extra = f"  top-5 {res['top5']:.2f}%" if "top5" in res else ""
+        print(f"{args.model} on {args.dataset} ({res['n']} images): top-1 {res['top1']:.2f}%"
+              f"{extra}  [{res['images_per_s']:.0f} images/s]")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import RunConfig, run_single
+
+    cfg = RunConfig(model=args.model, dataset=args.dataset, allocation=args.allocation,
+                    sparsity=args.sparsity, repairs=args.repair.split(","), calib=args.calib,
+                    seed=args.seed, n_eval=args.n_eval, device=args.device,
+                    weights=args.weights, pretrained=args.pretrained,
+                    shrinkage=args.shrinkage)
+    rows = run_single(cfg, progress=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"# {json.dumps(rows[0]['config'])}")
+        print(f"{'repair':<12} {'top1 %':>7} {'seconds':>8} {'passes D/P':>10}  path")
+        for r in rows:
+            print(f"{r['repair']:<12} {r['top1']:>7.2f} {r['seconds']:>8.2f} "
+                  f"{r['passes_dense']:>4}/{r['passes_pruned']:<5}  {r['path']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
+                      seed=args.seed, device=args.device, out=args.out)
+    meta = train(cfg)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _model_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="cifar10-jpeg")
+    p.add_argument("--pretrained", action="store_true", help="published weights (asset root)")
+    p.add_argument("--weights", default=None, help="checkpoint file (shared format or ours)")
+    p.add_argument("--download", action="store_true", help="allow downloads (needs internet)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n-eval", type=lambda s: None if s in ("all", "full") else int(s),
+                   default=2000, help="stratified evaluation subset size, or 'full'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-repair", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,12 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_allocate)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    p = sub.add_parser("eval", help="top-1 accuracy of a model on a data set")
+    _model_data_args(p)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--resolution", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="prune once, repair a copy per method, evaluate each")
+    _model_data_args(p)
+    p.add_argument("--allocation", default="erk")
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--repair", default="none,bn_recal,layerwise,channelwise,asr,clipped_asr")
+    p.add_argument("--calib", type=int, default=1024, help="calibration images")
+    p.add_argument("--seed", type=int, default=0, help="draws the calibration images")
+    p.add_argument("--shrinkage", default=None, help="ASR shrinkage rule (default: library's)")
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="dense training recipe; writes checkpoint + JSON sidecar")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="checkpoint path (sidecar: path + .json)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    from .study.cli import add_study_parser
+
+    add_study_parser(sub)
     return parser
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from sparse_repair.models import INPUT_SIZE, create_model, list_models
 # kuangliu/pytorch-cifar for CIFAR ResNet-18/34/50 and DenseNet-121 (10 classes);
 # torchvision's model cards for the ImageNet variants (1000 classes).
 PUBLISHED_M = {
+    "resnet8": (0.078, 10),  # no published figure: 6n+2 with n=1, counted from the formula
     "resnet20": (0.27, 10), "resnet32": (0.46, 10), "resnet44": (0.66, 10),
     "resnet56": (0.85, 10), "resnet110": (1.73, 10),
     "resnet18": (11.17, 10), "resnet34": (21.28, 10), "resnet50": (23.52, 10),

@@ -13,6 +13,7 @@ from .resnet import BasicBlock, Bottleneck, ResNet
 
 # name -> constructor(num_classes). CIFAR variants take 32x32 inputs, *_imagenet take 224x224.
 MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet8": lambda k: CifarResNet(8, k),  # the embedded digits regime's small model
     "resnet20": lambda k: CifarResNet(20, k),
     "resnet32": lambda k: CifarResNet(32, k),
     "resnet44": lambda k: CifarResNet(44, k),

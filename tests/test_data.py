@@ -1,0 +1,128 @@
+"""Data layer: offline loading of every format, clear errors, label-free calibration,
+stratified subsets, and the pretrained accuracy that pins normalization and label order."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparse_repair import data as D
+from sparse_repair.assets import AssetMissingError, verify_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def asset_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_REPAIR_ASSETS", str(tmp_path))
+    D._MEMO.clear()
+    yield tmp_path
+    D._MEMO.clear()
+
+
+def _write_cifar100(root: Path, n: int = 20):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": list(range(n)), "coarse_labels": [0] * n}
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f)
+    return entry
+
+
+def test_cifar100_loads_offline_from_torchvision_format(asset_root):
+    entry = _write_cifar100(asset_root)
+    images, labels = D.load_split("cifar100", "test")
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == list(range(20))
+    assert torch.equal(images[3], torch.from_numpy(entry["data"][3].reshape(3, 32, 32)))
+
+
+def _write_folder(root: Path, sub: str, split: str, classes=("a", "b"), per_class=3,
+                  size=40, gray=False):
+    for c in classes:
+        d = root / sub / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            mode = "L" if gray else "RGB"
+            Image.new(mode, (size, size), color=(i * 40 if gray else (i * 40, 0, 0))).save(
+                d / f"{i}.JPEG")
+
+
+def test_image_folder_loads_and_converts_grayscale(asset_root):
+    _write_folder(asset_root, "imagenette", "val", gray=True)
+    images, labels = D.load_split("imagenette", "val", resolution=16)
+    assert images.shape == (6, 3, 16, 16), "grayscale JPEGs must come out as 3-channel RGB"
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_missing_asset_error_names_the_path(asset_root):
+    with pytest.raises(AssetMissingError, match=str(asset_root / "cifar10-jpeg" / "test")):
+        D.load_split("cifar10-jpeg", "test")
+
+
+def test_checksum_mismatch_raises(tmp_path):
+    f = tmp_path / "w.th"
+    f.write_bytes(b"not the weights")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        verify_sha256(f, "12fca82f")
+
+
+def test_calibration_returns_images_only_and_is_seeded(asset_root):
+    _write_folder(asset_root, "cifar10-jpeg", "train", classes=tuple("abcd"), per_class=5,
+                  size=32)
+    a = D.calibration_set("cifar10-jpeg", n=8, seed=3)
+    b = D.calibration_set("cifar10-jpeg", n=8, seed=3)
+    c = D.calibration_set("cifar10-jpeg", n=8, seed=4)
+    assert isinstance(a, torch.Tensor) and a.dtype == torch.float32, "images only, no labels"
+    assert a.shape == (8, 3, 32, 32)
+    assert torch.equal(a, b), "same seed must give the same calibration images"
+    assert not torch.equal(a, c), "another seed must draw other images"
+
+
+def test_stratified_subset_is_class_balanced():
+    labels = np.repeat(np.arange(10), 1000)  # sorted by class, like ImageFolder
+    idx = D.stratified_indices(labels, 2000)
+    counts = np.bincount(labels[idx], minlength=10)
+    assert (counts == 200).all(), f"per-class counts {counts}"
+    assert np.array_equal(idx, D.stratified_indices(labels, 2000)), "subset must be fixed"
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(ValueError, match="cifar10-jpeg"):
+        D.get_spec("mnist")
+
+
+def test_imagenet100_class_list_is_shipped():
+    from importlib import resources
+
+    wnids = resources.files("sparse_repair.data").joinpath("imagenet100_wnids.txt").read_text()
+    assert len(set(wnids.split())) == 100
+
+
+needs_assets = pytest.mark.skipif(
+    not (os.environ.get("SPARSE_REPAIR_ASSETS") and
+         (Path(os.environ["SPARSE_REPAIR_ASSETS"]) / "cifar10-jpeg").exists()),
+    reason="set SPARSE_REPAIR_ASSETS to an asset root holding cifar10-jpeg and weights "
+           "(../shared/assets/unpack.sh .assets)")
+
+
+@needs_assets
+def test_pretrained_resnet20_accuracy_matches_stored_value():
+    from sparse_repair.evaluate import evaluate
+    from sparse_repair.weights import load_pretrained
+
+    stored = json.loads((ROOT / "baselines" / "pretrained_eval.json").read_text())
+    got = evaluate(load_pretrained("resnet20"), "cifar10-jpeg", n=2000)["top1"]
+    want = stored["resnet20"]["stratified2000"]
+    assert abs(got - want) <= stored["tolerance_pt"], \
+        f"resnet20 on the stratified 2,000 subset: {got:.2f}% vs stored {want:.2f}%"

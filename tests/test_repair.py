@@ -1,0 +1,180 @@
+"""Repair specification: engine paths agree, each method matches its definition, labels cannot
+reach repair code, fully pruned channels stay finite, modes are restored, runs are repeatable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_repair.allocation import allocate
+from sparse_repair.models import create_model
+from sparse_repair.pruning import prune_
+from sparse_repair.repair import list_repairs, repair
+
+PAIRED = ["layerwise", "channelwise", "asr", "clipped_asr"]
+
+
+def _trained_like(name="resnet20", seed=0):
+    """A random model whose BN running stats are real statistics (one train-mode pass), so that
+    pruning damages them the way it damages a trained model."""
+    torch.manual_seed(seed)
+    model = create_model(name)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(64, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    dense = _trained_like()
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, allocate(pruned, "erk", 0.9))
+    calib = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return dense, pruned, calib
+
+
+def _bn_params(model):
+    return {k: v for k, v in model.state_dict().items() if "bn" in k and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("method", PAIRED)
+def test_onepass_and_rerun_paths_agree(pair, method):
+    dense, pruned, calib = pair
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    ra = repair(a, method, calib, dense=dense, chunk_size=32, path="onepass")
+    rb = repair(b, method, calib, dense=dense, chunk_size=32, path="rerun")
+    assert ra.path == "onepass" and rb.path == "rerun"
+    assert ra.passes_pruned == 1 and rb.passes_pruned > 1
+    for k, va in _bn_params(a).items():
+        vb = _bn_params(b)[k]
+        assert torch.allclose(va, vb, rtol=1e-5, atol=1e-7), f"{method}: {k} differs by path"
+
+
+def test_bn_recal_equals_update_bn(pair):
+    _, pruned, calib = pair
+    ours, ref = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    repair(ours, "bn_recal", calib, chunk_size=32)
+    torch.optim.swa_utils.update_bn([calib[i:i + 32] for i in range(0, 96, 32)], ref)
+    for k, v in _bn_params(ours).items():
+        if "running" in k:
+            assert torch.allclose(v, _bn_params(ref)[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_bn_recal_keeps_dropout_off():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.9), nn.Flatten(),
+                          nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    model.eval()
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    repair(model, "bn_recal", torch.randn(8, 3, 8, 8))
+    assert seen and not any(seen), "dropout ran in training mode during recalibration"
+
+
+def test_asr_without_shrinkage_equals_channelwise(pair):
+    dense, pruned, calib = pair
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    repair(a, "asr", calib, dense=dense, shrinkage="none")
+    repair(b, "channelwise", calib, dense=dense)
+    for k, v in _bn_params(a).items():
+        assert torch.allclose(v, _bn_params(b)[k], rtol=1e-6), k
+
+
+def test_layerwise_matches_direct_computation(pair):
+    dense, pruned, calib = pair
+    model = copy.deepcopy(pruned)
+    v_before = model.bn1.running_var.double().clone()
+    with torch.no_grad():  # the first BN's input needs no upstream repair: compute it directly
+        d = dense.conv1(calib).double()
+        s = pruned.conv1(calib).double()
+    g = torch.sqrt(d.var((0, 2, 3), unbiased=False).sum() / s.var((0, 2, 3), unbiased=False).sum())
+    repair(model, "layerwise", calib, dense=dense)
+    assert torch.allclose(model.bn1.running_var.double(), v_before / g**2, rtol=1e-5)
+    assert torch.allclose(model.bn1.running_mean.double(), s.mean((0, 2, 3)), rtol=1e-5,
+                          atol=1e-6)
+
+
+class _Poison:
+    def __getattribute__(self, name):
+        raise AssertionError("repair code touched a label")
+
+
+def test_labels_cannot_reach_repair(pair):
+    dense, pruned, calib = pair
+    loader = [(calib[:32], _Poison())]
+    with pytest.raises(TypeError, match="label-free"):
+        repair(copy.deepcopy(pruned), "asr", loader, dense=dense)
+    with pytest.raises(TypeError, match="label-free"):
+        repair(copy.deepcopy(pruned), "bn_recal", iter(loader))
+
+
+def test_fully_pruned_channel_stays_finite(pair):
+    dense, _, calib = pair
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[:3].zero_()  # three output channels lose every weight
+        model.conv1.weight.zero_()                # and a whole layer
+    for method in list_repairs():
+        m = copy.deepcopy(model)
+        report = repair(m, method, calib, dense=dense)
+        for k, v in m.state_dict().items():
+            if v.is_floating_point():
+                assert torch.isfinite(v).all(), f"{method}: non-finite {k}"
+        for layer in report.layers:
+            for key, val in layer.items():
+                if isinstance(val, torch.Tensor):
+                    assert torch.isfinite(val).all(), f"{method}: non-finite {key} in report"
+        if method in ("asr", "clipped_asr"):
+            gain = next(x for x in report.layers if x["name"] == "layer1.0.bn1")["gain"]
+            assert (gain[:3] == 0).all(), "dead channels must get gain 0"
+
+
+def test_modes_and_flags_restored(pair):
+    dense, pruned, calib = pair
+    model = copy.deepcopy(pruned).train()
+    model.conv1.weight.requires_grad_(False)
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for method in list_repairs():
+        repair(model, method, calib, dense=dense)
+        assert all(m.training for m in model.modules()), f"{method} left a module in eval mode"
+        assert not model.conv1.weight.requires_grad and model.linear.weight.requires_grad
+        assert momenta == [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not dense.training
+
+
+@pytest.mark.parametrize("method", list_repairs())
+def test_deterministic(pair, method):
+    dense, pruned, calib = pair
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    repair(a, method, calib, dense=dense)
+    repair(b, method, calib, dense=dense)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), f"{method}: {k} differs between runs"
+
+
+def test_no_batchnorm_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        repair(model, "asr", torch.randn(4, 3, 8, 8), dense=model)
+
+
+def test_unknown_method_and_missing_dense(pair):
+    _, pruned, calib = pair
+    with pytest.raises(ValueError, match="bn_recal"):
+        repair(copy.deepcopy(pruned), "magic", calib)
+    with pytest.raises(ValueError, match="dense="):
+        repair(copy.deepcopy(pruned), "asr", calib)
+
+
+def test_report_carries_channel_statistics(pair):
+    dense, pruned, calib = pair
+    report = repair(copy.deepcopy(pruned), "asr", calib, dense=dense)
+    assert report.passes_dense == 1 and report.passes_pruned == 1
+    first = report.layers[0]
+    assert {"mu_d", "sd_d", "mu_s", "sd_s", "rho", "kappa", "gain"} <= set(first)
+    assert ((first["kappa"] >= 0) & (first["kappa"] <= 1)).all()
