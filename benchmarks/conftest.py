@@ -1,0 +1,71 @@
+"""Benchmark-suite plumbing: measured regimes are cached per session, compared with
+baselines/, printed as one table at the end, and written back only with --update-baselines."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_repair.regress import format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCURACY_FILE = ROOT / "baselines" / "repair_accuracy.json"
+GPU_BUDGET_FILE = ROOT / "baselines" / "gpu_budgets.json"
+
+VERDICTS: list = []          # regress.Verdict rows for the closing table
+UPDATES: dict = {}           # regime id -> new baseline entry (written only on request)
+GPU_UPDATES: dict = {}
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else f"cpu {platform.machine()}"),
+            "date": datetime.date.today().isoformat()}
+
+
+@pytest.fixture(scope="session")
+def update_baselines(request) -> bool:
+    return bool(request.config.getoption("--update-baselines"))
+
+
+@pytest.fixture(scope="session")
+def full_eval(request) -> bool:
+    return bool(request.config.getoption("--full"))
+
+
+def assets_present(*parts: str) -> bool:
+    root = os.environ.get("SPARSE_REPAIR_ASSETS")
+    return bool(root) and (Path(root).joinpath(*parts)).exists()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if VERDICTS:
+        terminalreporter.write_sep("=", "repair accuracy against baselines")
+        terminalreporter.write_line(format_table(VERDICTS))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not session.config.getoption("--update-baselines"):
+        return
+    if UPDATES:
+        data = load_json(ACCURACY_FILE) or {"default_tolerance_pt": 0.5, "regimes": {}}
+        data["regimes"].update(UPDATES)
+        data["recorded"] = environment() | {
+            "command": "pytest benchmarks/test_repair_accuracy.py --update-baselines"}
+        data["regimes"] = dict(sorted(data["regimes"].items()))
+        ACCURACY_FILE.write_text(json.dumps(data, indent=1) + "\n")
+    if GPU_UPDATES:
+        data = load_json(GPU_BUDGET_FILE)
+        data.update(GPU_UPDATES)
+        GPU_BUDGET_FILE.write_text(json.dumps(data, indent=1) + "\n")

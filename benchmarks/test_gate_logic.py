@@ -1,0 +1,37 @@
+"""The gate itself: a doctored measurement must fail with a message naming the regime."""
+
+from sparse_repair.regress import Verdict, classify_regime, compare
+
+BASE = {"class": "transition", "tolerance_pt": 0.5,
+        "top1": {"none": 10.0, "bn_recal": 15.0, "asr": 30.0, "clipped_asr": 31.0}}
+REGIME = "resnet20/cifar10-jpeg/erk/0.95/c1024s0/n2000"
+
+
+def test_measurement_at_baseline_passes():
+    assert all(v.ok for v in compare(REGIME, dict(BASE["top1"]), BASE))
+
+
+def test_broken_asr_fails_naming_the_regime():
+    # asr with its shrinkage turned off falls to channelwise accuracy: a doctored 22.0
+    doctored = dict(BASE["top1"], asr=22.0)
+    bad = [v for v in compare(REGIME, doctored, BASE) if not v.ok]
+    assert {v.check for v in bad} == {"asr", "margin asr-bn_recal"}
+    assert REGIME in bad[0].message() and "-8.00 pt" in bad[0].message()
+
+
+def test_drop_within_tolerance_passes():
+    assert Verdict(REGIME, "asr", 29.6, 30.0, 0.5).ok
+    assert not Verdict(REGIME, "asr", 29.4, 30.0, 0.5).ok
+
+
+def test_margin_checked_only_for_transition_regimes():
+    mild = dict(BASE, **{"class": "mild"})
+    checks = {v.check for v in compare(REGIME, dict(BASE["top1"]), mild)}
+    assert "margin asr-bn_recal" not in checks
+
+
+def test_regime_classes():
+    assert classify_regime(81.0, {"bn_recal": 78.0, "asr": 78.5}, 10) == "mild"
+    assert classify_regime(81.0, {"bn_recal": 15.0, "asr": 30.0}, 10) == "transition"
+    assert classify_regime(81.0, {"bn_recal": 11.0, "asr": 12.0}, 10) == "collapse"
+    assert classify_regime(81.0, {"bn_recal": 40.0, "asr": 44.0}, 10) == "degraded"

@@ -1,0 +1,93 @@
+"""Accuracy gate: every repair of every regime must stay within tolerance of its stored
+baseline, and transition regimes must keep the asr-over-bn_recal margin that defines them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
+from regimes import ALL, REPAIRS, Regime
+
+from sparse_repair.allocation import allocate
+from sparse_repair.data import calibration_set, get_spec
+from sparse_repair.evaluate import evaluate
+from sparse_repair.pruning import prune_
+from sparse_repair.regress import classify_regime, compare
+from sparse_repair.repair import repair
+
+_CACHE: dict[str, dict] = {}
+_DENSE: dict[tuple, float] = {}
+
+
+def _dense_model(r: Regime):
+    from sparse_repair.weights import load_pretrained, load_trained
+
+    if r.weights:
+        return load_trained(ROOT / r.weights)[0]
+    return load_pretrained(r.model)
+
+
+def measure(r: Regime) -> dict:
+    """Prune once, repair a copy per method on the same calibration images, evaluate each."""
+    if r.id in _CACHE:
+        return _CACHE[r.id]
+    dense = _dense_model(r)
+    key = (r.model, r.weights, r.dataset, r.n_eval)
+    if key not in _DENSE:
+        _DENSE[key] = evaluate(dense, r.dataset, r.n_eval)["top1"]
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, allocate(pruned, r.allocation, r.sparsity))
+    calib = calibration_set(r.dataset, r.calib, r.seed)
+    top1 = {}
+    for method in REPAIRS:
+        model = copy.deepcopy(pruned)
+        repair(model, method, calib, dense=dense)
+        top1[method] = evaluate(model, r.dataset, r.n_eval)["top1"]
+    _CACHE[r.id] = {"dense": _DENSE[key], "top1": top1}
+    return _CACHE[r.id]
+
+
+def _regimes(full: bool):
+    out = []
+    for r in ALL:
+        if full and r.n_eval is not None:
+            r = Regime(**{**r.__dict__, "n_eval": None})
+        out.append(r)
+    return out
+
+
+def pytest_generate_tests(metafunc):
+    if "regime" in metafunc.fixturenames:
+        full = metafunc.config.getoption("--full")
+        regimes = _regimes(full)
+        metafunc.parametrize("regime", regimes, ids=[r.id for r in regimes])
+
+
+@torch.inference_mode(False)
+def test_regime_against_baseline(regime: Regime, update_baselines: bool):
+    if regime.needs_assets and not (assets_present(regime.dataset) and assets_present("weights")):
+        pytest.skip(f"{regime.dataset} and weights not under the asset root: set "
+                    "SPARSE_REPAIR_ASSETS (../shared/assets/unpack.sh .assets)")
+    got = measure(regime)
+    num_classes = get_spec(regime.dataset).num_classes
+    regime_class = classify_regime(got["dense"], got["top1"], num_classes)
+    baselines = load_json(ACCURACY_FILE).get("regimes", {})
+    if update_baselines:
+        UPDATES[regime.id] = {"dense_top1": got["dense"], "top1": got["top1"],
+                              "class": regime_class, "tolerance_pt": 0.5,
+                              "margin_asr_over_bn_recal":
+                                  got["top1"]["asr"] - got["top1"]["bn_recal"]}
+        return
+    if regime.id not in baselines:
+        pytest.fail(f"no baseline for regime {regime.id}; record it on purpose with:\n"
+                    f"  pytest benchmarks/test_repair_accuracy.py --update-baselines "
+                    f"-k '{regime.id}'")
+    base = baselines[regime.id]
+    verdicts = compare(regime.id, got["top1"], base)
+    VERDICTS.extend(verdicts)
+    bad = [v.message() for v in verdicts if not v.ok]
+    assert not bad, "\n".join(bad)
+    assert regime_class == base["class"] or base["class"] != "transition", \
+        f"regime {regime.id} is no longer a transition regime (now {regime_class})"

@@ -1,0 +1,79 @@
+"""Regime classes and baseline comparison for the benchmark suite: pure functions on numbers,
+so the gate itself is unit-tested on doctored measurements.
+
+Regime class rule (stored with each baseline; docs in benchmarks/README.md):
+    chance   = 100 / num_classes;  fail = 2 * chance  (percent top-1)
+    mild       bn_recal >= dense - 5
+    collapse   every repair < fail
+    transition bn_recal < fail, best activation-statistic repair >= fail and >= bn_recal + 5
+    degraded   anything else (bn_recal well below dense but not failing)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATION_REPAIRS = ("layerwise", "channelwise", "asr", "clipped_asr")
+MILD_GAP_PT = 5.0          # bn_recal within this many points of dense -> mild
+RECOVERY_MARGIN_PT = 5.0   # transition: best activation repair this far above bn_recal
+
+
+def classify_regime(dense_top1: float, top1: dict[str, float], num_classes: int) -> str:
+    fail = 2 * 100.0 / num_classes
+    bn = top1["bn_recal"]
+    best_act = max(top1[r] for r in ACTIVATION_REPAIRS if r in top1)
+    if bn >= dense_top1 - MILD_GAP_PT:
+        return "mild"
+    if max(top1.values()) < fail:
+        return "collapse"
+    if bn < fail and best_act >= fail and best_act >= bn + RECOVERY_MARGIN_PT:
+        return "transition"
+    return "degraded"
+
+
+@dataclass
+class Verdict:
+    regime: str
+    check: str            # a repair name, or "margin asr-bn_recal"
+    measured: float
+    baseline: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.measured >= self.baseline - self.tolerance
+
+    @property
+    def delta(self) -> float:
+        return self.measured - self.baseline
+
+    def message(self) -> str:
+        word = "ok" if self.ok else "REGRESSION"
+        return (f"{word}: regime {self.regime}, {self.check}: measured {self.measured:.2f} vs "
+                f"baseline {self.baseline:.2f} ({self.delta:+.2f} pt, tolerance "
+                f"{self.tolerance:.2f} pt)")
+
+
+def compare(regime: str, measured: dict[str, float], baseline: dict) -> list[Verdict]:
+    """Verdicts for every repair in the baseline plus, for transition regimes, the stored
+    margin of asr over bn_recal (the claim that defines the regime)."""
+    tol = float(baseline.get("tolerance_pt", 0.5))
+    out = []
+    for method, base in baseline["top1"].items():
+        if method not in measured:
+            raise KeyError(f"regime {regime}: no measurement for {method}")
+        out.append(Verdict(regime, method, measured[method], base, tol))
+    if baseline.get("class") == "transition":
+        margin = measured["asr"] - measured["bn_recal"]
+        out.append(Verdict(regime, "margin asr-bn_recal", margin,
+                           baseline["top1"]["asr"] - baseline["top1"]["bn_recal"], tol))
+    return out
+
+
+def format_table(rows: list[Verdict]) -> str:
+    head = f"{'regime':<44} {'check':<20} {'measured':>8} {'baseline':>8} {'tol':>5}  verdict"
+    lines = [head, "-" * len(head)]
+    for v in rows:
+        lines.append(f"{v.regime:<44} {v.check:<20} {v.measured:>8.2f} {v.baseline:>8.2f} "
+                     f"{v.tolerance:>5.2f}  {'pass' if v.ok else 'FAIL'}")
+    return "\n".join(lines)
