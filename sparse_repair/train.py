@@ -49,7 +49,7 @@ def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
             s = int(side[i])
             top = int(torch.randint(0, h - s + 1, (1,), generator=g))
             left = int(torch.randint(0, w - s + 1, (1,), generator=g))
-            crop = x[i:i + 1, :, top:top + s, left:left + s].float()
+            crop = x[i:i + 1, :, top:top + s, left:left + s].float()  # noqa: E203
             out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
         x = out
     else:  # pad 4 (1/8 of the side) and random crop
@@ -57,7 +57,7 @@ def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
         padded = F.pad(x, (pad, pad, pad, pad))
         dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=g)
         x = padded[:, :, int(dy):int(dy) + h, int(dx):int(dx) + w]
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
@@ -72,8 +72,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     device = torch.device(cfg.device)
     model = create_model(cfg.model, spec.num_classes).to(device)
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda:  # keep the uint8 split on the GPU: augmentation then runs there too
         model = model.to(memory_format=torch.channels_last)
+        images, labels = images.to(device), labels.to(device)
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
@@ -88,7 +89,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        perm = torch.randperm(len(labels), generator=g)
+        perm = torch.randperm(len(labels), generator=g).to(images.device)
         for idx in torch.split(perm, cfg.batch_size):
             x = normalize(_augment(images[idx], cfg.dataset, g), cfg.dataset).to(device)
             y = labels[idx].to(device)

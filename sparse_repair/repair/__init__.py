@@ -158,7 +158,7 @@ def _paired(kind: str) -> Callable:
                            "kappa": kappa, "gain": gain})
 
         path = opts.get("path", "auto")
-        memory_limit = float(opts.get("memory_limit_gb", 4.0)) * 2**30
+        memory_limit = _memory_limit_bytes(opts.get("memory_limit_gb"), chunks[0].device)
         ref = dense if needs_dense else None
         if path == "auto":
             path = "onepass" if traces(pruned) else "rerun"
@@ -178,6 +178,16 @@ def _paired(kind: str) -> Callable:
             raise ValueError(f"unknown path {path!r}; choose auto, onepass or rerun")
         return path, passes if needs_dense else 0, passes, layers
     return method
+
+
+def _memory_limit_bytes(limit_gb: float | None, device: torch.device) -> float:
+    """The one-pass frontier limit: the option if given, else half the free memory of the
+    CUDA device, else 8 GiB on CPU (a third of the 24 GiB machines this project runs on)."""
+    if limit_gb is not None:
+        return float(limit_gb) * 2**30
+    if device.type == "cuda":
+        return 0.5 * torch.cuda.mem_get_info(device)[0]
+    return 8.0 * 2**30
 
 
 def _none(pruned, dense, chunks, opts):

@@ -1,0 +1,135 @@
+"""Repair speed: the one-pass engine costs at most 1.5x one dense plus one pruned eval-mode
+forward pass over the same calibration images, measured side by side in the same test.
+GPU lane (--gpu): the same on CUDA, agreement with the CPU path, and absolute budgets per card."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from conftest import GPU_BUDGET_FILE, GPU_UPDATES, load_json
+
+from sparse_repair.allocation import allocate
+from sparse_repair.models import create_model
+from sparse_repair.pruning import prune_
+from sparse_repair.repair import repair
+
+RATIO_BOUND = 1.5          # asr time / (dense forward + pruned forward)
+CALIB = 1024               # calibration images
+CHUNK = 256                # images per chunk, for the repair and the reference forwards
+BUDGET_HEADROOM = 1.2      # recorded GPU budgets = measured * 1.2
+
+
+def _pair(name: str, device: str, seed: int = 0):
+    """A dense model with real BN statistics (two train-mode passes on noise) and its ERK-90%
+    copy; random weights suffice for timing and for CPU/GPU agreement."""
+    torch.manual_seed(seed)
+    dense = create_model(name)
+    dense.train()
+    with torch.no_grad():
+        for _ in range(2):
+            dense(torch.randn(32, 3, 32, 32))
+    dense = dense.eval().to(device)
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, allocate(pruned, "erk", 0.9))
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randn(CALIB, 3, 32, 32, generator=g).to(device)
+    return dense, pruned, calib
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _forward_seconds(model, calib, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for chunk in torch.split(calib, CHUNK):
+        model(chunk)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_methods(name: str, device: str, methods, rounds: int) -> dict:
+    dense, pruned, calib = _pair(name, device)
+    _forward_seconds(dense, calib[:CHUNK], device)  # warm-up (allocator, cuDNN autotune)
+    repair(copy.deepcopy(pruned), "asr", calib[:CHUNK], dense=dense)
+    ref = min(_forward_seconds(dense, calib, device) + _forward_seconds(pruned, calib, device)
+              for _ in range(rounds))
+    out = {"reference_s": ref}
+    for method in methods:
+        best, report = float("inf"), None
+        for _ in range(rounds):
+            model = copy.deepcopy(pruned)
+            report = repair(model, method, calib, dense=dense, chunk_size=CHUNK)
+            best = min(best, report.seconds)
+        out[method] = {"seconds": best, "ratio": best / ref, "passes_dense": report.passes_dense,
+                       "passes_pruned": report.passes_pruned, "path": report.path}
+    return out
+
+
+CPU_MODELS = ["resnet20", "resnet56", "resnet18"]
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_model" in metafunc.fixturenames:
+        # CIFAR ResNet-18 needs ~4 min on 2 cores for this test; it runs with --full (nightly).
+        full = metafunc.config.getoption("--full")
+        metafunc.parametrize("cpu_model", [m for m in CPU_MODELS if full or m != "resnet18"])
+
+
+def test_cpu_repair_within_ratio(benchmark, cpu_model):
+    results = {}
+    benchmark.pedantic(lambda: results.update(_time_methods(
+        cpu_model, "cpu", ["bn_recal", "asr", "clipped_asr"], rounds=2)), rounds=1, iterations=1)
+    benchmark.extra_info.update(results)
+    asr = results["asr"]
+    assert asr["path"] == "onepass" and asr["passes_pruned"] == 1 and asr["passes_dense"] == 1
+    assert asr["ratio"] <= RATIO_BOUND, (
+        f"{cpu_model}: asr took {asr['seconds']:.2f}s = {asr['ratio']:.2f}x one dense + one "
+        f"pruned forward ({results['reference_s']:.2f}s); bound {RATIO_BOUND}x")
+
+
+GPU_MODELS = ["resnet18", "resnet50", "densenet121"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_MODELS)
+def test_gpu_matches_cpu_and_budget(benchmark, name, update_baselines):
+    torch.backends.cudnn.allow_tf32 = False   # compare numerics, not TF32 rounding
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {}
+    benchmark.pedantic(lambda: results.update(_time_methods(
+        name, "cuda", ["bn_recal", "asr", "clipped_asr"], rounds=3)), rounds=1, iterations=1)
+    benchmark.extra_info.update(results)
+    # (a) CUDA and CPU paths give the same repaired BN parameters
+    for method in ("asr", "clipped_asr"):
+        dense_g, pruned_g, calib_g = _pair(name, "cuda")
+        dense_c, pruned_c, calib_c = _pair(name, "cpu")
+        repair(pruned_g, method, calib_g, dense=dense_g)
+        repair(pruned_c, method, calib_c, dense=dense_c)
+        for (k, vg), vc in zip(pruned_g.state_dict().items(), pruned_c.state_dict().values()):
+            if ("bn" in k or "norm" in k) and vg.is_floating_point():
+                assert torch.allclose(vg.cpu(), vc, rtol=1e-4, atol=1e-5), \
+                    f"{name}/{method}: {k} differs between CUDA and CPU"
+    # (b) ratio bound
+    assert results["asr"]["ratio"] <= RATIO_BOUND, \
+        f"{name} on CUDA: asr is {results['asr']['ratio']:.2f}x the two forward passes"
+    # (c) absolute budget for this card
+    card = torch.cuda.get_device_name()
+    if update_baselines:
+        GPU_UPDATES.setdefault(card, {})[name] = {
+            m: round(results[m]["seconds"] * BUDGET_HEADROOM, 4)
+            for m in ("bn_recal", "asr", "clipped_asr")}
+        return
+    budgets = load_json(GPU_BUDGET_FILE).get(card, {}).get(name)
+    if budgets is None:
+        pytest.fail(f"no GPU budget for {name} on {card!r}; record it on this card with:\n"
+                    "  pytest benchmarks/test_repair_speed.py --gpu --update-baselines")
+    for method, budget in budgets.items():
+        got = results[method]["seconds"]
+        assert got <= budget, f"{name}/{method} on {card}: {got:.3f}s over budget {budget:.3f}s"
