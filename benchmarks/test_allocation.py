@@ -57,7 +57,8 @@ def test_exact_global_count(benchmark, name, method, sparsity):
     want = prune_count(sparsity, alloc.total)
     benchmark.extra_info.update(layers=len(alloc.names), N=alloc.total,
                                 achieved_sparsity=pruned / alloc.total)
-    assert pruned == want, f"{name}/{method}/{sparsity}: pruned {pruned}, expected round(S*N)={want}"
+    assert pruned == want, \
+        f"{name}/{method}/{sparsity}: pruned {pruned}, expected round(S*N)={want}"
     for n in exclude:
         w = dict(model.named_modules())[n].weight
         assert int(torch.count_nonzero(w)) == w.numel(), f"excluded layer {n} was pruned"

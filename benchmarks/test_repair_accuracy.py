@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
 from regimes import ALL, REPAIRS, Regime
 
+from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
 from sparse_repair.allocation import allocate
 from sparse_repair.data import calibration_set, get_spec
 from sparse_repair.evaluate import evaluate

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from conftest import GPU_BUDGET_FILE, GPU_UPDATES, load_json
 
+from conftest import GPU_BUDGET_FILE, GPU_UPDATES, load_json
 from sparse_repair.allocation import allocate
 from sparse_repair.models import create_model
 from sparse_repair.pruning import prune_
@@ -114,8 +114,11 @@ def test_gpu_matches_cpu_and_budget(benchmark, name, update_baselines):
         repair(pruned_c, method, calib_c, dense=dense_c)
         for (k, vg), vc in zip(pruned_g.state_dict().items(), pruned_c.state_dict().values()):
             if ("bn" in k or "norm" in k) and vg.is_floating_point():
-                assert torch.allclose(vg.cpu(), vc, rtol=1e-4, atol=1e-5), \
-                    f"{name}/{method}: {k} differs between CUDA and CPU"
+                diff = (vg.cpu() - vc).abs() - 1e-4 * vc.abs()
+                worst = int(diff.flatten().argmax())
+                assert (diff <= 1e-5).all(), (
+                    f"{name}/{method}: {k} differs between CUDA and CPU at [{worst}]: "
+                    f"{vg.flatten()[worst].item():.6g} vs {vc.flatten()[worst].item():.6g}")
     # (b) ratio bound
     assert results["asr"]["ratio"] <= RATIO_BOUND, \
         f"{name} on CUDA: asr is {results['asr']['ratio']:.2f}x the two forward passes"

@@ -14,7 +14,7 @@ python3 -m pytest benchmarks/test_repair_speed.py --gpu --update-baselines -q -p
 cp baselines/gpu_budgets.json "$OUT/" 2>/dev/null
 python3 -m pytest benchmarks/test_repair_speed.py --gpu -q -p no:cacheprovider -k gpu \
   --benchmark-json="$OUT/gpu_gate.json" 2>&1 | tail -8
-python3 -m sparse_repair.cli train --model resnet18 --dataset cifar10-jpeg --epochs "$EPOCHS" \
+timeout 300 python3 -m sparse_repair.cli train --model resnet18 --dataset cifar10-jpeg --epochs "$EPOCHS" \
   --device cuda --out "$OUT/resnet18-cifar10jpeg.pt" 2>/dev/null > "$OUT/train_resnet18.json"
 cat "$OUT/train_resnet18.json"
 for a in erk lamp; do for s in 0.9 0.95; do

@@ -13,8 +13,8 @@ Every method returns integer keep counts (int64) whose sum is exactly keep_total
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 class LayerSpec:
     name: str
     shape: tuple[int, ...]
-    weight: torch.Tensor | None = None  # needed only by score-based methods (lamp, global_magnitude)
+    weight: torch.Tensor | None = None  # only score-based methods need it (lamp, global_magnitude)
 
     @property
     def size(self) -> int:

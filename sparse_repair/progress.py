@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -27,7 +28,8 @@ class Progress:
             frac = self.done / self.total if self.total else 1.0
             bar = "#" * int(20 * frac)
             sys.stderr.write(f"\r{self.desc} [{bar:<20}] {self.done}/{self.total} "
-                             f"{rate:.1f} {self.unit}/s elapsed {elapsed:.0f}s ETA {eta:.0f}s {note}")
+                             f"{rate:.1f} {self.unit}/s elapsed {elapsed:.0f}s "
+                             f"ETA {eta:.0f}s {note}")
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()

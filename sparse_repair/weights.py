@@ -29,17 +29,19 @@ class Checkpoint:
 
 # Hashes: full sha256 for the two files checked here (shared assets' SHA256SUMS); for the others
 # the upstream file name's 8-hex sha256 prefix (torch.hub's convention), from the upstream README.
+R20_SHA = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
+R56_SHA = "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"
 PRETRAINED: dict[str, Checkpoint] = {
     "resnet20": Checkpoint("resnet20", "cifar10", "resnet20-12fca82f.th",
                            AKAMASTER + "resnet20-12fca82f.th",
-                           "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 91.73),
+                           R20_SHA, 91.73),
     "resnet32": Checkpoint("resnet32", "cifar10", "resnet32-d509ac18.th",
                            AKAMASTER + "resnet32-d509ac18.th", "d509ac18", 92.63),
     "resnet44": Checkpoint("resnet44", "cifar10", "resnet44-014dd654.th",
                            AKAMASTER + "resnet44-014dd654.th", "014dd654", 93.10),
     "resnet56": Checkpoint("resnet56", "cifar10", "resnet56-4bfd9763.th",
                            AKAMASTER + "resnet56-4bfd9763.th",
-                           "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367", 93.39),
+                           R56_SHA, 93.39),
     "resnet110": Checkpoint("resnet110", "cifar10", "resnet110-1d1ed7c2.th",
                             AKAMASTER + "resnet110-1d1ed7c2.th", "1d1ed7c2", 93.68),
 }

@@ -178,3 +178,13 @@ def test_report_carries_channel_statistics(pair):
     first = report.layers[0]
     assert {"mu_d", "sd_d", "mu_s", "sd_s", "rho", "kappa", "gain"} <= set(first)
     assert ((first["kappa"] >= 0) & (first["kappa"] <= 1)).all()
+
+
+def test_frontier_over_memory_limit_falls_back_to_rerun(pair):
+    dense, pruned, calib = pair
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    report = repair(a, "asr", calib, dense=dense, memory_limit_gb=1e-4)
+    repair(b, "asr", calib, dense=dense, path="rerun")
+    assert report.path == "rerun", "a frontier over the limit must switch to the rerun path"
+    for k, v in _bn_params(a).items():
+        assert torch.allclose(v, _bn_params(b)[k], rtol=1e-5, atol=1e-7), k

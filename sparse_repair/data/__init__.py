@@ -9,15 +9,15 @@ Normalization is applied per batch by ``normalize``.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from ..assets import AssetMissingError, UNPACK_HINT, asset_root, cache_dir
+from ..assets import UNPACK_HINT, AssetMissingError, asset_root, cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ class DatasetSpec:
     std: tuple[float, ...]
     default_resolution: int                  # side length in pixels fed to the model
     splits: tuple[str, str]                  # (train split, evaluation split)
-    source: Callable[..., "Source"] = field(repr=False)
+    source: Callable[..., Source] = field(repr=False)
 
 
 @dataclass

@@ -9,10 +9,10 @@ input has dense/pruned means mu_d, mu_s, variances var_d, var_s and correlation 
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .engine import (
     FrontierTooLarge,
-    estimate_frontier_bytes,
+    branch_end_bns,
     run_onepass,
     run_rerun,
     traces,
@@ -126,6 +126,10 @@ def _paired(kind: str) -> Callable:
             raise ValueError(f"{kind} compares the pruned model with the dense one: pass "
                              "dense=<the unpruned model>")
         g_min, g_max = opts.get("g_min", DEFAULT_CLIP[0]), opts.get("g_max", DEFAULT_CLIP[1])
+        scope = opts.get("scope", DEFAULT_SCOPE)
+        if scope not in ("all", "branch_end", "inner"):
+            raise ValueError(f"unknown scope {scope!r}; choose all, branch_end or inner")
+        ends = branch_end_bns(pruned) if scope != "all" else set()
         layers: list[dict] = []
 
         @torch.no_grad()
@@ -140,8 +144,10 @@ def _paired(kind: str) -> Callable:
                 kappa = torch.ones_like(v)
             else:
                 new_var = var_s
-                kappa = torch.ones_like(v) if kind == "channelwise" else \
-                    SHRINKAGE[shrink](m, v, eps).clamp(0.0, 1.0)
+                damp = kind != "channelwise" and (
+                    scope == "all" or (scope == "branch_end") == (name in ends))
+                kappa = SHRINKAGE[shrink](m, v, eps).clamp(0.0, 1.0) if damp else \
+                    torch.ones_like(v)
             kappa = torch.where(dead, torch.zeros_like(kappa), kappa)
             gain = kappa * torch.sqrt((v + eps) / (new_var + eps))
             if kind == "clipped_asr":
@@ -160,22 +166,27 @@ def _paired(kind: str) -> Callable:
         path = opts.get("path", "auto")
         memory_limit = _memory_limit_bytes(opts.get("memory_limit_gb"), chunks[0].device)
         ref = dense if needs_dense else None
+        requested = path
+        if path not in ("auto", "onepass", "rerun"):
+            raise ValueError(f"unknown path {path!r}; choose auto, onepass or rerun")
         if path == "auto":
             path = "onepass" if traces(pruned) else "rerun"
-            if path == "onepass":
-                n = sum(c.shape[0] for c in chunks)
-                if estimate_frontier_bytes(pruned, ref, chunks[0], n) > memory_limit:
-                    path = "rerun"
         if path == "onepass":
+            # Snapshot BN state so that a frontier over the memory limit can fall back to the
+            # rerun path from a clean model (the limit is checked while the graph executes).
+            saved = {n: copy.deepcopy(b.state_dict()) for n, b in _bns(pruned).items()}
             try:
                 run_onepass(pruned, ref, chunks, on_bn, memory_limit)
                 passes = 1
             except FrontierTooLarge:
-                raise
-        elif path == "rerun":
+                if requested == "onepass":
+                    raise
+                for n, b in _bns(pruned).items():
+                    b.load_state_dict(saved[n])
+                layers.clear()
+                path = "rerun"
+        if path == "rerun":
             passes = run_rerun(pruned, ref, chunks, on_bn)
-        else:
-            raise ValueError(f"unknown path {path!r}; choose auto, onepass or rerun")
         return path, passes if needs_dense else 0, passes, layers
     return method
 
@@ -205,6 +216,7 @@ REPAIRS: dict[str, tuple[Callable, bool]] = {
     "clipped_asr": (_paired("clipped_asr"), True),
 }
 DEFAULT_SHRINKAGE = "relative"
+DEFAULT_SCOPE = "all"      # which BNs asr damps: all, branch_end (feeds a residual sum), inner
 DEFAULT_CLIP = (0.0, 4.0)  # (g_min, g_max) on the channel gain relative to the pruned model
 
 
@@ -255,6 +267,7 @@ def repair(pruned: nn.Module, method: str, calibration, *, dense: nn.Module | No
     opts = {"chunk_size": chunk_size, **options}
     if method in ("asr", "clipped_asr"):
         opts.setdefault("shrinkage", DEFAULT_SHRINKAGE)
+        opts.setdefault("scope", DEFAULT_SCOPE)
     if method == "clipped_asr":
         opts.setdefault("g_min", DEFAULT_CLIP[0])
         opts.setdefault("g_max", DEFAULT_CLIP[1])

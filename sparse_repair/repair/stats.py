@@ -3,8 +3,8 @@ across chunks in float64, and the shrinkage rules of ASR. No modules, no hooks."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -149,6 +149,12 @@ SHRINKAGE: dict[str, Shrinkage] = {
 }
 
 
+DEAD_VARIANCE_RATIO = 1e-6
+
+
 def dead_channels(m: Moments, v: torch.Tensor) -> torch.Tensor:
-    """Channels whose pruned input is constant (every input weight pruned): gain 0."""
-    return m.var_s <= 1e-12 * torch.clamp(v, min=1e-12)
+    """Channels whose pruned input is (numerically) constant: gain 0. Exactly constant when every
+    input weight is pruned; below 1e-6 of the dense variance, variance matching would amplify
+    the channel more than 1000x, i.e. amplify float rounding, which also makes rho (and so the
+    result) differ between CPU and CUDA reduction orders."""
+    return m.var_s <= DEAD_VARIANCE_RATIO * torch.clamp(v, min=1e-12)
