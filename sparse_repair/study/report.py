@@ -1,0 +1,188 @@
+"""Study report: markdown and CSV tables, transition regimes, and plots (extra `plot`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from .spec import Study
+from .stats import cells, paired_diffs, transition_interval
+
+FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
+RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _num_classes(dataset: str) -> int:
+    from ..data import get_spec
+
+    return get_spec(dataset).num_classes
+
+
+def write_report(study: Study, rows: list[dict], out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cell_rows = cells(rows)
+    (out / "cells.csv").write_text(_csv(cell_rows))
+    alloc_diffs = paired_diffs(rows, "allocation", "lamp", "erk",
+                               ("model", "dataset", "sparsity", "repair"))
+    repair_diffs = paired_diffs(rows, "repair", "asr", "bn_recal",
+                                ("model", "dataset", "allocation", "sparsity"))
+    diff_rows = [{"group": "/".join(map(str, d.key)), "difference": d.label, "mean": d.mean,
+                  "ci95_lo": d.lo, "ci95_hi": d.hi, "n_seeds": d.n,
+                  "significant": d.significant} for d in alloc_diffs + repair_diffs]
+    (out / "differences.csv").write_text(_csv(diff_rows))
+
+    dense = {(r["model"], r["dataset"]): r["dense_top1"] for r in rows}
+    curves: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
+    for c in cell_rows:
+        curves[(c["model"], c["dataset"], c["allocation"])][c["sparsity"]][c["repair"]] = c["mean"]
+    regimes = {}
+    for key, curve in sorted(curves.items()):
+        k = _num_classes(key[1])
+        regimes[key] = transition_interval(curve, k, FAIL_FACTOR * 100.0 / k,
+                                           RECOVERY_MARGIN_PT)
+
+    md = [f"# Study `{study.name}`", "",
+          f"{len(rows)} result rows from `{study.path}`.", "",
+          "## Accuracy (top-1 %, mean ± std over seeds, n)", "",
+          "| model | data | allocation | sparsity | repair | top-1 | n |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {c['model']} | {c['dataset']} | {c['allocation']} | {c['sparsity']} | {c['repair']} "
+           f"| {c['mean']:.2f} ± {c['std']:.2f} | {c['n']} |" for c in cell_rows]
+    md += ["", "## Paired differences (95% bootstrap CI over seeds; * = CI excludes 0)", "",
+           "| group | difference | mean | 95% CI | n |", "|---|---|---|---|---|"]
+    md += [f"| {d['group']} | {d['difference']} | {d['mean']:+.2f} | "
+           f"[{d['ci95_lo']:+.2f}, {d['ci95_hi']:+.2f}]{' *' if d['significant'] else ''} | "
+           f"{d['n_seeds']} |" for d in diff_rows]
+    md += ["", "## Preferred allocation (only where LAMP - ERK is significant)", ""]
+    prefs = [f"- {'/'.join(map(str, d.key))}: **{'lamp' if d.mean > 0 else 'erk'}** "
+             f"({d.mean:+.2f} pt)" for d in alloc_diffs if d.significant]
+    md += prefs or ["- none significant at this number of seeds"]
+    md += ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; best activation "
+           f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
+    for key, iv in regimes.items():
+        where = "none found" if iv is None else \
+            f"sparsity {iv[0]} to {iv[1]} (width {iv[1] - iv[0]:.3f})"
+        md.append(f"- {'/'.join(key)}: {where}")
+    plots = _plots(study, cell_rows, dense, regimes, out)
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return {"report": str(out / "report.md"), "plots": plots,
+            "transition": {"/".join(k): v for k, v in regimes.items()}}
+
+
+def _plots(study: Study, cell_rows, dense, regimes, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: install the `plot` extra for figures", flush=True)
+        return []
+    files = []
+    for (model, dataset) in sorted({(c["model"], c["dataset"]) for c in cell_rows}):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        sel = [c for c in cell_rows if c["model"] == model and c["dataset"] == dataset]
+        repairs = sorted({c["repair"] for c in sel})
+        colors = {r: f"C{i}" for i, r in enumerate(repairs)}  # colour = repair, dash = LAMP
+        for (alloc, rep) in sorted({(c["allocation"], c["repair"]) for c in sel}):
+            pts = sorted((c["sparsity"], c["mean"], c["std"]) for c in sel
+                         if c["allocation"] == alloc and c["repair"] == rep)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        linestyle="--" if alloc == "lamp" else "-", marker="o", ms=3,
+                        capsize=2, color=colors[rep], label=f"{alloc} / {rep}")
+        ax.axhline(dense[(model, dataset)], color="k", lw=0.8, label="dense")
+        ax.set_ylim(0, min(100, dense[(model, dataset)] + 5))
+        for alloc, color in (("erk", "tab:orange"), ("lamp", "tab:blue")):
+            iv = regimes.get((model, dataset, alloc))
+            if iv:
+                ax.axvspan(iv[0] - 0.002, iv[1] + 0.002, color=color, alpha=0.12,
+                           label=f"transition ({alloc})")
+        ax.set_xlabel("global sparsity (pruned fraction)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{model} on {dataset}: label-free repair vs sparsity")
+        ax.legend(fontsize=6.5, ncol=2, loc="lower left")
+        fig.tight_layout()
+        files += _save(fig, out, f"accuracy_{model}_{dataset}")
+        plt.close(fig)
+    files += _density_plot(study, out, plt)
+    return files
+
+
+def _save(fig, out: Path, stem: str) -> list[str]:
+    fig.savefig(out / f"{stem}.png", dpi=130)
+    fig.savefig(out / f"{stem}.svg")
+    return [f"{stem}.png"]
+
+
+def _density_plot(study: Study, out: Path, plt) -> list[str]:
+    """Per-layer density of ERK vs LAMP for the first model at its sparsity nearest 0.9, and the
+    per-channel damage and ASR gains of that pruned model (from the repair report)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from ..allocation import allocate
+    from ..data import calibration_set
+    from ..repair import repair
+    from ..run import load_dense
+
+    _, cfg = study.runs[0]
+    sparsity = min({c.sparsity for _, c in study.runs}, key=lambda s: abs(s - 0.9))
+    dense = load_dense(cfg)
+    allocs = {a: allocate(dense, a, sparsity) for a in ("erk", "lamp")}
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(allocs["erk"].names)), 4))
+    x = np.arange(len(allocs["erk"].names))
+    for off, (a, al) in zip((-0.2, 0.2), allocs.items()):
+        ax.bar(x + off, al.keep / al.sizes, width=0.4, label=a)
+    ax.set_xticks(x, allocs["erk"].names, rotation=90, fontsize=6)
+    ax.set_ylabel("density (kept fraction)")
+    ax.set_xlabel("layer (forward order)")
+    ax.set_title(f"{cfg.model}: per-layer density at global sparsity {sparsity}")
+    ax.legend()
+    fig.tight_layout()
+    files = _save(fig, out, f"density_{cfg.model}_{sparsity}")
+    plt.close(fig)
+
+    from ..pruning import prune_
+
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, allocs["erk"])
+    report = repair(pruned, "asr", calibration_set(cfg.dataset, min(cfg.calib, 512), 0),
+                    dense=dense)
+    layers = [ly for ly in report.layers if ly.get("sd_d") is not None]
+    width = max(len(ly["gain"]) for ly in layers)
+    ratio = np.full((len(layers), width), np.nan)
+    gain = np.full((len(layers), width), np.nan)
+    for i, ly in enumerate(layers):
+        sd_d = ly["sd_d"].clamp(min=1e-12)
+        ratio[i, : len(sd_d)] = (ly["sd_s"] / sd_d).numpy()
+        gain[i, : len(sd_d)] = ly["gain"].numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(4, 0.2 * len(layers))))
+    for ax, data, title, cmap in (
+            (axes[0], np.log10(np.clip(ratio, 1e-3, None)), "log10(pruned sd / dense sd)", "RdBu"),
+            (axes[1], np.log10(np.clip(gain, 1e-3, None)), "log10(ASR channel gain)", "viridis")):
+        im = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_yticks(range(len(layers)), [ly["name"] for ly in layers], fontsize=6)
+        ax.set_xlabel("channel")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{cfg.model}, erk at sparsity {sparsity}: per-channel damage and repair gain")
+    fig.tight_layout()
+    files += _save(fig, out, f"damage_{cfg.model}_{sparsity}")
+    plt.close(fig)
+    del torch
+    return files

@@ -1,0 +1,158 @@
+"""Study runner: stable grid ids, resume, crash safety, statistics and regime detection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_repair.study.spec import load_study
+from sparse_repair.study.stats import bootstrap_ci, paired_diffs, transition_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt"
+
+
+def _study(tmp_path: Path, sparsities=(0.8, 0.9), seeds=(0,), repairs=("none", "bn_recal"),
+           name="t") -> Path:
+    f = tmp_path / f"{name}.toml"
+    f.write_text(f'''name = "{name}"
+calib = 128
+n_eval = "full"
+seeds = {list(seeds)}
+allocations = ["erk", "lamp"]
+sparsities = {list(sparsities)}
+repairs = {list(repairs)!r}
+[[models]]
+model = "resnet8"
+dataset = "digits"
+weights = "{CKPT.as_posix()}"
+'''.replace("'", '"'))
+    return f
+
+
+def test_grid_expansion_and_ids_are_stable(tmp_path):
+    a = load_study(_study(tmp_path))
+    b = load_study(_study(tmp_path))
+    assert len(a.runs) == 4, "2 allocations x 2 sparsities x 1 seed"
+    assert [r for r, _ in a.runs] == [r for r, _ in b.runs], "ids must not change between loads"
+    assert len({r for r, _ in a.runs}) == 4, "ids must be unique per run"
+    c = load_study(_study(tmp_path, repairs=("none", "bn_recal", "asr")))
+    assert [r for r, _ in a.runs] == [r for r, _ in c.runs], \
+        "the repair list is not part of a run's identity"
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sparse_repair.cli", "study", *args],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def _created(db: Path) -> dict:
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("SELECT run_id || repair, created FROM results"))
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    study, db = _study(tmp_path), tmp_path / "r.sqlite"
+    assert _cli("run", str(study), "--db", str(db)).returncode == 0
+    first = _created(db)
+    r = _cli("run", str(study), "--db", str(db))
+    assert "0 to run" in r.stdout, r.stdout
+    assert _created(db) == first, "a resumed study must not recompute finished runs"
+
+
+def test_kill_mid_sweep_loses_nothing_finished(tmp_path):
+    study = _study(tmp_path, sparsities=(0.7, 0.8, 0.85, 0.9, 0.95), seeds=(0, 1), name="k")
+    db = tmp_path / "k.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_repair.cli", "study", "run",
+                             str(study), "--db", str(db)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done_before = set()
+    while time.time() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as c:
+                done_before = {r[0] for r in c.execute(
+                    "SELECT run_id FROM runs WHERE status='done'")}
+            if len(done_before) >= 2:
+                break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(done_before) < 20, "the kill should land mid-sweep"
+    kept = _created(db)
+    r = _cli("run", str(study), "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    after = _created(db)
+    assert all(after[k] == v for k, v in kept.items()), "finished runs were recomputed or lost"
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 20
+
+
+def test_bootstrap_ci_contains_true_difference():
+    rng = np.random.default_rng(0)
+    diffs = 3.0 + rng.normal(0, 1, size=30)
+    lo, hi = bootstrap_ci(diffs)
+    assert lo < 3.0 < hi and lo > 0, f"CI [{lo:.2f}, {hi:.2f}] should cover 3 and exclude 0"
+
+
+def test_paired_difference_flags_significance():
+    rows = []
+    for seed in range(5):
+        rows += [{"model": "m", "dataset": "d", "sparsity": 0.9, "repair": "asr", "seed": seed,
+                  "allocation": "erk", "top1": 50.0 + seed},
+                 {"model": "m", "dataset": "d", "sparsity": 0.9, "repair": "asr", "seed": seed,
+                  "allocation": "lamp", "top1": 55.0 + seed + 0.1 * (-1) ** seed}]
+    (d,) = paired_diffs(rows, "allocation", "lamp", "erk", ("model", "dataset", "sparsity",
+                                                            "repair"))
+    assert d.significant and abs(d.mean - 5.0) < 0.2
+    rows_noise = [dict(r, top1=r["top1"] + (3 if r["allocation"] == "erk" and r["seed"] % 2
+                                            else 0) - (5 if r["allocation"] == "lamp" else 0))
+                  for r in rows]
+    (d2,) = paired_diffs(rows_noise, "allocation", "lamp", "erk",
+                         ("model", "dataset", "sparsity", "repair"))
+    assert not d2.significant, f"noise-level difference flagged: CI [{d2.lo}, {d2.hi}]"
+
+
+def test_transition_detected_on_synthetic_curve():
+    curve = {s: {"bn_recal": bn, "asr": asr} for s, bn, asr in [
+        (0.80, 70, 72), (0.85, 40, 45), (0.90, 15, 35), (0.93, 12, 25), (0.95, 10, 12)]}
+    assert transition_interval(curve, 10) == (0.90, 0.93)
+    assert transition_interval({0.9: {"bn_recal": 50, "asr": 52}}, 10) is None
+
+
+needs_assets = pytest.mark.skipif(
+    not (os.environ.get("SPARSE_REPAIR_ASSETS") and
+         (Path(os.environ["SPARSE_REPAIR_ASSETS"]) / "cifar10-jpeg").exists()),
+    reason="set SPARSE_REPAIR_ASSETS to an asset root with cifar10-jpeg and weights")
+
+
+def test_report_end_to_end_on_digits(tmp_path):
+    study, db = _study(tmp_path, repairs=("bn_recal", "asr")), tmp_path / "e.sqlite"
+    assert _cli("run", str(study), "--db", str(db)).returncode == 0
+    r = _cli("report", str(study), "--db", str(db), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Transition regime" in text and "lamp - erk" in text
+    assert (tmp_path / "rep" / "cells.csv").exists()
+
+
+@needs_assets
+def test_report_end_to_end_on_resnet20(tmp_path):
+    f = tmp_path / "r20.toml"
+    f.write_text('name = "r20"\ncalib = 256\nn_eval = 500\nseeds = [0]\n'
+                 'allocations = ["erk"]\nsparsities = [0.8, 0.9]\n'
+                 'repairs = ["bn_recal", "asr"]\n[[models]]\nmodel = "resnet20"\n'
+                 'dataset = "cifar10-jpeg"\npretrained = true\n')
+    db = tmp_path / "r20.sqlite"
+    assert _cli("run", str(f), "--db", str(db)).returncode == 0
+    r = _cli("report", str(f), "--db", str(db), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    assert "resnet20" in (tmp_path / "rep" / "report.md").read_text()
