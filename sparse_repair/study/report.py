@@ -56,7 +56,8 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     md = [f"# Study `{study.name}`", "",
           f"{len(rows)} result rows from `{study.path}`.", "",
           "## Accuracy (top-1 %, mean ± std over seeds, n)", "",
-          "| model | data | allocation | sparsity | repair | top-1 | n |", "|---|---|---|---|---|---|---|"]
+          "| model | data | allocation | sparsity | repair | top-1 | n |",
+          "|---|---|---|---|---|---|---|"]
     md += [f"| {c['model']} | {c['dataset']} | {c['allocation']} | {c['sparsity']} | {c['repair']} "
            f"| {c['mean']:.2f} ± {c['std']:.2f} | {c['n']} |" for c in cell_rows]
     md += ["", "## Paired differences (95% bootstrap CI over seeds; * = CI excludes 0)", "",
