@@ -3,6 +3,7 @@
 --gpu                  run tests marked ``gpu``; stops at once when no CUDA device is present,
                        so a GPU lane can never pass silently on a CPU
 --full                 evaluate accuracy regimes on the full test split
+--nightly              the heavy lane (every regime and case; ~1 h on 2 cores)
 --update-baselines     rewrite stored baselines from this run (refused when CI=true)
 --assets DIR           asset root (else $SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair)
 """
@@ -30,6 +31,9 @@ except ImportError:  # hypothesis is only in the test extra
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--gpu", action="store_true", help="run tests that need a CUDA device")
     parser.addoption("--full", action="store_true", help="evaluate on the full test split")
+    parser.addoption("--nightly", action="store_true",
+                     help="the heavy lane: every regime, every sparsity for large models in the "
+                          "allocation check, ResNet-18 in the CPU speed check")
     parser.addoption("--update-baselines", action="store_true",
                      help="rewrite baselines/ from this run's measurements (not allowed in CI)")
     parser.addoption("--assets", default=None, help="asset root (data and weights)")

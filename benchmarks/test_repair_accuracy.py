@@ -49,9 +49,11 @@ def measure(r: Regime) -> dict:
     return _CACHE[r.id]
 
 
-def _regimes(full: bool):
+def _regimes(full: bool, nightly: bool):
     out = []
     for r in ALL:
+        if r.nightly_only and not nightly:
+            continue
         if full and r.n_eval is not None:
             r = Regime(**{**r.__dict__, "n_eval": None})
         out.append(r)
@@ -61,7 +63,7 @@ def _regimes(full: bool):
 def pytest_generate_tests(metafunc):
     if "regime" in metafunc.fixturenames:
         full = metafunc.config.getoption("--full")
-        regimes = _regimes(full)
+        regimes = _regimes(full, metafunc.config.getoption("--nightly"))
         metafunc.parametrize("regime", regimes, ids=[r.id for r in regimes])
 
 

@@ -77,8 +77,8 @@ CPU_MODELS = ["resnet20", "resnet56", "resnet18"]
 
 def pytest_generate_tests(metafunc):
     if "cpu_model" in metafunc.fixturenames:
-        # CIFAR ResNet-18 needs ~4 min on 2 cores for this test; it runs with --full (nightly).
-        full = metafunc.config.getoption("--full")
+        # CIFAR ResNet-18 needs ~4 min on 2 cores for this test; it runs with --nightly.
+        full = metafunc.config.getoption("--nightly")
         metafunc.parametrize("cpu_model", [m for m in CPU_MODELS if full or m != "resnet18"])
 
 
