@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=1024)
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--out", default=None, help="JSON file for the rows")
+    ap.add_argument("--heatmap", default=None, help="clip: PNG path for the (g_min, g_max) map")
     args = ap.parse_args()
     calib = calibration_set("cifar10-jpeg", args.calib, 0)
     rows = []
@@ -76,6 +77,45 @@ def main() -> None:
         cells = [next(r["top1"] for r in rows if r["variant"] == label and
                       (r["model"], r["allocation"], r["sparsity"]) == g) for g in regimes]
         print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+    if args.kind == "clip" and args.heatmap:
+        heatmap(rows, regimes, args.heatmap)
+
+
+def heatmap(rows: list[dict], regimes, path: str) -> None:
+    """One panel per regime: top-1 of clipped_asr over (g_min, g_max), with asr's and
+    bn_recal's accuracy in the title for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 3.8), squeeze=False)
+    for ax, g in zip(axes[0], regimes):
+        sel = [r for r in rows if (r["model"], r["allocation"], r["sparsity"]) == g]
+        grid = np.zeros((len(G_MIN), len(G_MAX)))
+        for i, lo in enumerate(G_MIN):
+            for j, hi in enumerate(G_MAX):
+                label = f"clipped_asr g_min={lo} g_max={hi}"
+                grid[i, j] = next(r["top1"] for r in sel if r["variant"] == label)
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i in range(len(G_MIN)):
+            for j in range(len(G_MAX)):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w",
+                        fontsize=8)
+        ax.set_xticks(range(len(G_MAX)), [str(h) for h in G_MAX])
+        ax.set_yticks(range(len(G_MIN)), [str(lo) for lo in G_MIN])
+        ax.set_xlabel("g_max (upper clip of the channel gain)")
+        ax.set_ylabel("g_min (lower clip)")
+        asr = next(r["top1"] for r in sel if r["variant"] == "asr")
+        bn = next(r["top1"] for r in sel if r["variant"] == "bn_recal")
+        ax.set_title(f"{g[0]} {g[1]} S={g[2]}: top-1 %\n(asr {asr:.1f}, bn_recal {bn:.1f})",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax, label="top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
 
 
 if __name__ == "__main__":
