@@ -12,7 +12,7 @@ import torch
 
 from conftest import GPU_BUDGET_FILE, GPU_UPDATES, load_json
 from sparse_repair.allocation import allocate
-from sparse_repair.models import create_model
+from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
 
@@ -25,13 +25,7 @@ BUDGET_HEADROOM = 1.2      # recorded GPU budgets = measured * 1.2
 def _pair(name: str, device: str, seed: int = 0):
     """A dense model with real BN statistics (two train-mode passes on noise) and its ERK-90%
     copy; random weights suffice for timing and for CPU/GPU agreement."""
-    torch.manual_seed(seed)
-    dense = create_model(name)
-    dense.train()
-    with torch.no_grad():
-        for _ in range(2):
-            dense(torch.randn(32, 3, 32, 32))
-    dense = dense.eval().to(device)
+    dense = random_with_batch_statistics(name, seed).to(device)
     pruned = copy.deepcopy(dense)
     prune_(pruned, allocate(pruned, "erk", 0.9))
     g = torch.Generator().manual_seed(seed)

@@ -10,28 +10,16 @@ import torch
 from torch import nn
 
 from sparse_repair.allocation import allocate
-from sparse_repair.models import create_model
+from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import list_repairs, repair
 
 PAIRED = ["layerwise", "channelwise", "asr", "clipped_asr"]
 
 
-def _trained_like(name="resnet20", seed=0):
-    """A random model whose BN running stats are real statistics (one train-mode pass), so that
-    pruning damages them the way it damages a trained model."""
-    torch.manual_seed(seed)
-    model = create_model(name)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(64, 3, 32, 32))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
-    dense = _trained_like()
+    dense = random_with_batch_statistics("resnet20")
     pruned = copy.deepcopy(dense)
     prune_(pruned, allocate(pruned, "erk", 0.9))
     calib = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torchvision
 from torch import nn
 
@@ -35,6 +36,21 @@ INPUT_SIZE: dict[str, int] = {name: (224 if name.endswith("_imagenet") else 32) 
 
 def list_models() -> list[str]:
     return sorted(MODELS)
+
+
+def random_with_batch_statistics(name: str, seed: int = 0, batches: int = 2,
+                                 batch_size: int = 32) -> nn.Module:
+    """A randomly initialised model whose BN running statistics are real batch statistics (a few
+    train-mode passes on Gaussian noise), in eval mode. Pruning then damages its BN statistics
+    the way it damages a trained model's; tests and timing benchmarks use it."""
+    torch.manual_seed(seed)
+    model = create_model(name)
+    side = INPUT_SIZE[name]
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch_size, 3, side, side))
+    return model.eval()
 
 
 def create_model(name: str, num_classes: int = 10) -> nn.Module:
