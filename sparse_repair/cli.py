@@ -48,23 +48,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval / run
 
 def _load_model(args: argparse.Namespace):
-    """(model, data set's class count) from --pretrained, --weights (shared format or ours)."""
-    from .data import get_spec
-    from .models import create_model
-    from .weights import load_checkpoint_into, load_pretrained
+    """The dense model from --pretrained or --weights, by the same rule as runs and studies."""
+    from .run import RunConfig, load_dense
 
-    classes = get_spec(args.dataset).num_classes
-    if args.weights:
-        sidecar = args.weights + ".json"
-        if os.path.exists(sidecar):
-            from .weights import load_trained
+    if not (args.weights or args.pretrained):
+        raise ValueError("no weights given: pass --pretrained or --weights FILE (a random model "
+                         "has nothing to evaluate)")
+    if args.pretrained and args.download:
+        from .weights import pretrained_path
 
-            return load_trained(args.weights)[0]
-        return load_checkpoint_into(create_model(args.model, classes), args.weights).eval()
-    if args.pretrained:
-        return load_pretrained(args.model, allow_download=args.download)
-    raise ValueError("no weights given: pass --pretrained or --weights FILE (a random model "
-                     "has nothing to evaluate)")
+        pretrained_path(args.model, allow_download=True)
+    return load_dense(RunConfig(model=args.model, dataset=args.dataset, weights=args.weights,
+                                pretrained=args.pretrained))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

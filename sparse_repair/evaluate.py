@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .data import get_spec, load_split, normalize, stratified_indices
 from .progress import Progress
-
-
-@dataclass
-class EvalConfig:
-    dataset: str = "cifar10-jpeg"
-    n: int | None = 2000          # images in the stratified subset; None = full split
-    batch_size: int = 128         # images per forward pass (128 measured fastest on 2 CPU cores)
-    device: str = "cpu"           # "cpu" or "cuda"
-    resolution: int | None = None  # pixels; None = the data set's default
-    split: str | None = None      # None = the data set's evaluation split
 
 
 @torch.inference_mode()
@@ -51,7 +40,3 @@ def evaluate(model: nn.Module, dataset: str = "cifar10-jpeg", n: int | None = 20
     if spec.num_classes > 10:
         out["top5"] = 100.0 * correct5 / len(idx)
     return out
-
-
-def config_dict(cfg: EvalConfig) -> dict:
-    return asdict(cfg)
