@@ -1,4 +1,5 @@
-"""`sparse-repair study run|status|report`: the local executor, progress, and reports."""
+"""`sparse-repair study run|status|report`: the driver (the only writer of the result store),
+progress, status and reports. Where runs execute is the executors module's business."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import argparse
 import json
 import os
 import sys
-import time
-import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from ..progress import Progress
+from .executors import ExecutorConfig, execute, run_task
 from .spec import Study, load_study
 from .store import Store
 
@@ -19,47 +20,40 @@ def db_path(study: Study, override: str | None) -> Path:
     return Path(override) if override else Path("results") / f"{study.name}.sqlite"
 
 
-def execute_run(cfg, dense_cache: dict) -> tuple[list[dict], float]:
-    """One run (prune once, every repair on its own copy); returns rows and dense top-1."""
-    from ..evaluate import evaluate
-    from ..run import load_dense, run_single
-
-    key = (cfg.model, cfg.dataset, cfg.weights, cfg.n_eval, cfg.device)
-    if key not in dense_cache:
-        dense = load_dense(cfg).to(cfg.device)
-        dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval,
-                                            device=cfg.device)["top1"])
-    dense, dense_top1 = dense_cache[key]
-    return run_single(cfg, dense=dense), dense_top1
+def executor_config(args: argparse.Namespace) -> ExecutorConfig:
+    fields = ExecutorConfig.__dataclass_fields__
+    opts = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return ExecutorConfig(name=getattr(args, "executor", "local"), **opts)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, fn=None) -> int:
     if getattr(args, "assets", None):
         os.environ["SPARSE_REPAIR_ASSETS"] = args.assets
     study = load_study(args.study)
+    ec = executor_config(args)
     store = Store(db_path(study, args.db))
     done = store.done()
     pending = [(rid, cfg) for rid, cfg in study.runs if rid not in done]
     print(f"study {study.name}: {len(study.runs)} runs, {len(study.runs) - len(pending)} done, "
-          f"{len(pending)} to run -> {store.path}", flush=True)
+          f"{len(pending)} to run on executor {ec.name} -> {store.path}", flush=True)
+    print(f"executor config: {json.dumps(asdict(ec))}", flush=True)
     bar = Progress(len(pending), f"study {study.name}", unit="run")
-    dense_cache: dict = {}
     failures = 0
-    for rid, cfg in pending:
-        start = time.perf_counter()
-        try:
-            rows, dense_top1 = execute_run(cfg, dense_cache)
-        except Exception:
+    for out in execute(pending, ec, fn=fn or run_task):
+        cfg = out.cfg
+        tag = f"[{out.rid}] {cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} " \
+              f"seed {cfg.seed}"
+        if out.ok:
+            store.write_run(out.rid, out.rows, out.dense_top1, attempts=out.attempts,
+                            wall_s=out.wall_s)
+            summary = " ".join(f"{r['repair']}={r['top1']:.1f}" for r in out.rows)
+            print(f"\n{tag}: {summary} (worker {out.wall_s:.1f}s, attempt {out.attempts})",
+                  flush=True)
+        else:
             failures += 1
-            store.write_failure(rid, cfg.__dict__, traceback.format_exc())
-            print(f"\n[{rid}] FAILED {cfg.model} {cfg.allocation} {cfg.sparsity} seed "
-                  f"{cfg.seed}; see `sparse-repair study status`", file=sys.stderr, flush=True)
-            bar.update(1)
-            continue
-        store.write_run(rid, rows, dense_top1)
-        summary = " ".join(f"{r['repair']}={r['top1']:.1f}" for r in rows)
-        print(f"\n[{rid}] {cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} seed "
-              f"{cfg.seed}: {summary} ({time.perf_counter() - start:.1f}s)", flush=True)
+            store.write_failure(out.rid, asdict(cfg), out.error, attempts=out.attempts)
+            print(f"\n{tag}: FAILED after {out.attempts} attempts; see `sparse-repair study "
+                  f"status`", file=sys.stderr, flush=True)
         bar.update(1)
     return 1 if failures else 0
 
@@ -72,9 +66,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {sum(r in done for r in ids)}/{len(ids)} runs done, "
           f"{sum(r in failed for r in ids)} failed, "
           f"{sum(r not in done and r not in failed for r in ids)} pending ({store.path})")
+    for model, walls in sorted(store.wall_times().items()):
+        walls = sorted(walls)
+        print(f"{model}: worker wall time per run median {walls[len(walls) // 2]:.1f}s "
+              f"(min {walls[0]:.1f}s, max {walls[-1]:.1f}s, {len(walls)} runs)")
+    attempts = store.attempts()
+    configs = dict(study.runs)
     for rid, err in failed.items():
-        print(f"--- failed run {rid}:\n{err.strip().splitlines()[-1]}")
+        cfg = configs.get(rid)
+        what = f"{cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} seed {cfg.seed}" \
+            if cfg else "(not in this study file)"
+        print(f"--- failed run {rid} {what}, {attempts.get(rid, 0)} attempts; last error:\n"
+              f"{_last_error(err)}")
     return 0
+
+
+def _last_error(tb: str, lines: int = 6) -> str:
+    """The tail of a traceback (the frames nearest the error and the message)."""
+    return "\n".join(tb.strip().splitlines()[-lines:])
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, repair));
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, status TEXT NOT NULL, attempts INTEGER DEFAULT 0,
-    error TEXT, config TEXT, updated REAL);
+    error TEXT, config TEXT, updated REAL, wall_s REAL);
 """
 
 
@@ -29,6 +29,9 @@ class Store:
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+        if "wall_s" not in cols:  # databases written before worker wall times were recorded
+            self.db.execute("ALTER TABLE runs ADD COLUMN wall_s REAL")
 
     def done(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT run_id FROM runs WHERE status='done'")}
@@ -36,7 +39,8 @@ class Store:
     def failed(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT run_id, error FROM runs WHERE status='failed'"))
 
-    def write_run(self, rid: str, rows: list[dict], dense_top1: float) -> None:
+    def write_run(self, rid: str, rows: list[dict], dense_top1: float, attempts: int = 1,
+                  wall_s: float | None = None) -> None:
         now = time.time()
         with self.db:  # one transaction per run
             for r in rows:
@@ -48,15 +52,30 @@ class Store:
                      c["seed"], r["top1"], r["n_eval"], r["seconds"], r["passes_dense"],
                      r["passes_pruned"], r["path"], r["sparsity_achieved"], dense_top1,
                      json.dumps({**c, "options": r.get("options")}), json.dumps(env), now))
-            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,COALESCE((SELECT attempts "
-                            "FROM runs WHERE run_id=?),0)+1,NULL,?,?)",
-                            (rid, "done", rid, json.dumps(rows[0]["config"]), now))
+            self._set_run(rid, "done", attempts, None, rows[0]["config"], now, wall_s)
 
-    def write_failure(self, rid: str, config: dict, error: str) -> None:
+    def write_failure(self, rid: str, config: dict, error: str, attempts: int = 1) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,COALESCE((SELECT attempts "
-                            "FROM runs WHERE run_id=?),0)+1,?,?,?)",
-                            (rid, "failed", rid, error, json.dumps(config), time.time()))
+            self._set_run(rid, "failed", attempts, error, config, time.time())
+
+    def _set_run(self, rid, status, attempts, error, config, now, wall_s=None) -> None:
+        # attempts accumulate over invocations: a run that failed yesterday and succeeded
+        # today after one retry shows all its attempts.
+        self.db.execute("INSERT OR REPLACE INTO runs (run_id, status, attempts, error, config, "
+                        "updated, wall_s) VALUES (?,?,COALESCE((SELECT attempts FROM runs "
+                        "WHERE run_id=?),0)+?,?,?,?,?)",
+                        (rid, status, rid, attempts, error, json.dumps(config), now, wall_s))
+
+    def wall_times(self) -> dict[str, list[float]]:
+        """Worker wall seconds of each finished run (recorded since the executors), by model."""
+        out: dict[str, list[float]] = {}
+        for config, wall in self.db.execute(
+                "SELECT config, wall_s FROM runs WHERE status='done' AND wall_s IS NOT NULL"):
+            out.setdefault(json.loads(config)["model"], []).append(wall)
+        return out
+
+    def attempts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT run_id, attempts FROM runs"))
 
     def rows(self) -> list[dict]:
         cur = self.db.execute("SELECT * FROM results ORDER BY model, dataset, allocation, "

@@ -1,0 +1,248 @@
+"""Where the runs of a study execute. Executors only compute: each run's result rows go back
+to the driver (``runner.cmd_run``), the only process that writes SQLite, so concurrent
+workers can never corrupt the database.
+
+    local   in-process, one run after another (default)
+    ray     Ray core: one task per run; ``num_gpus`` per task for CUDA studies, else ``num_cpus``;
+            an existing cluster (``--ray-address``) or a local one started here
+    slurm   submitit job arrays: one array task per run, GPUs/partition/time as options;
+            ``cluster="local"`` runs the array as local subprocesses (tests, laptops)
+
+Retries live in the driver, the same for every executor: a run that raises, or whose worker
+dies, is submitted again up to ``retries`` times, and every attempt is counted in the store.
+Workers find data and weights through the asset root (a path on the shared filesystem that
+the driver resolves and hands over), never through pickled data sets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..assets import ENV_VAR, asset_root
+from ..run import RunConfig
+
+EXECUTORS = ("local", "ray", "slurm")
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"                 # one of EXECUTORS
+    retries: int = 2                    # extra attempts for a run that raises or whose worker dies
+    cpus_per_task: int = 1              # CPU slots per run (ray, slurm)
+    gpus_per_task: int | None = None    # None: 1 for a CUDA study, else 0 (ray, slurm)
+    ray_address: str | None = None      # "auto", "ray://head:10001", ...; None: start a local one
+    slurm_cluster: str | None = None    # None: submitit's auto-detection; "local" for tests
+    slurm_partition: str | None = None
+    slurm_time_min: int = 60            # wall-clock limit of one array task (minutes)
+    slurm_parallelism: int = 64         # array tasks running at once
+    slurm_folder: str = "results/slurm/%j"  # submitit logs and pickles; on the shared filesystem
+    poll_s: float = 2.0                 # slurm: seconds between job-state polls
+
+    def __post_init__(self) -> None:
+        if self.name not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.name!r}; choose one of {EXECUTORS}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0 (extra attempts per run), got {self.retries}")
+
+
+@dataclass
+class Outcome:
+    rid: str
+    cfg: RunConfig
+    attempts: int                       # submissions of this run in this invocation
+    seconds: float                      # driver wall time from first submission to outcome
+    rows: list[dict] | None = None      # on success
+    dense_top1: float | None = None
+    wall_s: float | None = None         # worker wall time of the successful attempt
+    error: str | None = None            # on failure: the last attempt's traceback
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_DENSE: dict = {}   # per worker process: a dense model is loaded and evaluated once
+
+
+def execute_run(cfg: RunConfig, dense_cache: dict) -> tuple[list[dict], float]:
+    """One run (prune once, every repair on its own copy); returns rows and dense top-1."""
+    from ..evaluate import evaluate
+    from ..run import load_dense, run_single
+
+    key = (cfg.model, cfg.dataset, cfg.weights, cfg.n_eval, cfg.device)
+    if key not in dense_cache:
+        dense = load_dense(cfg).to(cfg.device)
+        dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval,
+                                            device=cfg.device)["top1"])
+    dense, dense_top1 = dense_cache[key]
+    return run_single(cfg, dense=dense), dense_top1
+
+
+def run_task(cfg: dict, assets: str) -> dict:
+    """What a worker runs for one run: plain dicts in and out, so any engine can ship it."""
+    os.environ[ENV_VAR] = assets
+    start = time.perf_counter()
+    rows, dense_top1 = execute_run(RunConfig(**cfg), _DENSE)
+    return {"rows": rows, "dense_top1": dense_top1, "wall_s": time.perf_counter() - start}
+
+
+TaskFn = Callable[[dict, str], dict]
+
+
+def _call(fn: TaskFn, cfg: dict, assets: str) -> dict:
+    # Ray remotes need a plain function; the task function (possibly a partial) is an argument.
+    return fn(cfg, assets)
+
+
+# ----------------------------------------------------------------------------- backends
+# A backend submits tasks and reports which have finished; the driver loop below owns
+# retries and outcomes. result() returns the task's dict or raises with the worker's error.
+
+class _Call:
+    """A deferred local call; hashable by identity, like Ray's and submitit's handles."""
+
+    def __init__(self, args: tuple[dict, str]) -> None:
+        self.args = args
+
+
+class _Local:
+    def __init__(self, ec: ExecutorConfig, fn: TaskFn) -> None:
+        self.fn = fn
+
+    def submit(self, items: list[tuple[dict, str]]) -> list:
+        return [_Call(item) for item in items]
+
+    def wait(self, handles: list) -> list:
+        return handles[:1]
+
+    def result(self, handle: _Call) -> dict:
+        return self.fn(*handle.args)
+
+    def close(self) -> None:
+        pass
+
+
+def _missing_extra(extra: str, module: str) -> RuntimeError:
+    return RuntimeError(f"--executor {extra} needs the {module!r} package, which is not "
+                        f"installed; install the extra: pip install 'sparse-repair[{extra}]'")
+
+
+class _Ray:
+    def __init__(self, ec: ExecutorConfig, fn: TaskFn, device: str) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise _missing_extra("ray", "ray") from e
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            # address None starts a local cluster sized to this machine; "auto" or an address
+            # joins an existing one.
+            ray.init(address=ec.ray_address, include_dashboard=False, log_to_driver=False)
+            self.started = True
+        gpus = ec.gpus_per_task if ec.gpus_per_task is not None else \
+            int(device.startswith("cuda"))
+        # max_retries=0: the driver retries, so every attempt is counted the same way on every
+        # executor (Ray's own retries would be invisible to the store).
+        self.fn = fn
+        self.remote = ray.remote(_call).options(num_cpus=ec.cpus_per_task, num_gpus=gpus,
+                                                max_retries=0)
+
+    def submit(self, items):
+        return [self.remote.remote(self.fn, cfg, assets) for cfg, assets in items]
+
+    def wait(self, handles):
+        ready, _ = self.ray.wait(handles, num_returns=1)
+        return ready
+
+    def result(self, handle):
+        return self.ray.get(handle)
+
+    def close(self):
+        if self.started:
+            self.ray.shutdown()
+
+
+class _Slurm:
+    def __init__(self, ec: ExecutorConfig, fn: TaskFn, device: str) -> None:
+        try:
+            import submitit
+        except ImportError as e:
+            raise _missing_extra("slurm", "submitit") from e
+        self.fn, self.poll_s = fn, ec.poll_s
+        self.ex = submitit.AutoExecutor(folder=ec.slurm_folder, cluster=ec.slurm_cluster)
+        gpus = ec.gpus_per_task if ec.gpus_per_task is not None else \
+            int(device.startswith("cuda"))
+        params = {"timeout_min": ec.slurm_time_min, "cpus_per_task": ec.cpus_per_task,
+                  "slurm_array_parallelism": ec.slurm_parallelism}
+        if gpus:
+            params["gpus_per_node"] = gpus
+        if ec.slurm_partition:
+            params["slurm_partition"] = ec.slurm_partition
+        self.ex.update_parameters(**params)
+
+    def submit(self, items):
+        with self.ex.batch():   # one job array per submission round
+            jobs = [self.ex.submit(self.fn, cfg, assets) for cfg, assets in items]
+        return jobs
+
+    def wait(self, handles):
+        while True:
+            done = [j for j in handles if j.done()]
+            if done:
+                return done
+            time.sleep(self.poll_s)
+
+    def result(self, handle):
+        return handle.result()
+
+    def close(self):
+        pass
+
+
+def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
+            assets: str | os.PathLike | None = None, fn: TaskFn = run_task
+            ) -> Iterator[Outcome]:
+    """Run every task on the chosen executor and yield one Outcome per run as runs finish
+    (completion order, not grid order). ``fn`` is what a worker runs; tests substitute a
+    faulty one."""
+    if not tasks:
+        return
+    root = str(Path(asset_root(assets)).resolve())
+    device = tasks[0][1].device
+    if ec.name == "local":
+        backend = _Local(ec, fn)
+    elif ec.name == "ray":
+        backend = _Ray(ec, fn, device)
+    else:
+        backend = _Slurm(ec, fn, device)
+    attempts = {rid: 1 for rid, _ in tasks}
+    started = {rid: time.perf_counter() for rid, _ in tasks}
+    inflight = dict(zip(backend.submit([(asdict(c), root) for _, c in tasks]), tasks))
+    try:
+        while inflight:
+            for handle in backend.wait(list(inflight)):
+                rid, cfg = inflight.pop(handle)
+                try:
+                    res = backend.result(handle)
+                except Exception:
+                    if attempts[rid] <= ec.retries:
+                        attempts[rid] += 1
+                        (h,) = backend.submit([(asdict(cfg), root)])
+                        inflight[h] = (rid, cfg)
+                        continue
+                    yield Outcome(rid, cfg, attempts[rid], time.perf_counter() - started[rid],
+                                  error=traceback.format_exc())
+                    continue
+                yield Outcome(rid, cfg, attempts[rid], time.perf_counter() - started[rid],
+                              rows=res["rows"], dense_top1=res["dense_top1"],
+                              wall_s=res.get("wall_s"))
+    finally:
+        backend.close()
