@@ -34,17 +34,17 @@ def measure(r: Regime) -> dict:
     if r.id in _CACHE:
         return _CACHE[r.id]
     dense = _dense_model(r)
-    key = (r.model, r.weights, r.dataset, r.n_eval)
+    key = (r.model, r.weights, r.dataset, r.n_eval, r.resolution)
     if key not in _DENSE:
-        _DENSE[key] = evaluate(dense, r.dataset, r.n_eval)["top1"]
+        _DENSE[key] = evaluate(dense, r.dataset, r.n_eval, resolution=r.resolution)["top1"]
     pruned = copy.deepcopy(dense)
     prune_(pruned, allocate(pruned, r.allocation, r.sparsity))
-    calib = calibration_set(r.dataset, r.calib, r.seed)
+    calib = calibration_set(r.dataset, r.calib, r.seed, resolution=r.resolution)
     top1 = {}
     for method in REPAIRS:
         model = copy.deepcopy(pruned)
         repair(model, method, calib, dense=dense)
-        top1[method] = evaluate(model, r.dataset, r.n_eval)["top1"]
+        top1[method] = evaluate(model, r.dataset, r.n_eval, resolution=r.resolution)["top1"]
     _CACHE[r.id] = {"dense": _DENSE[key], "top1": top1}
     return _CACHE[r.id]
 
@@ -69,9 +69,11 @@ def pytest_generate_tests(metafunc):
 
 @torch.inference_mode(False)
 def test_regime_against_baseline(regime: Regime, update_baselines: bool):
-    if regime.needs_assets and not (assets_present(regime.dataset) and assets_present("weights")):
-        pytest.skip(f"{regime.dataset} and weights not under the asset root: set "
-                    "SPARSE_REPAIR_ASSETS (../shared/assets/unpack.sh .assets)")
+    need_weights = regime.weights is None  # published weights live under the asset root
+    if regime.needs_assets and not (assets_present(regime.dataset)
+                                    and (assets_present("weights") or not need_weights)):
+        pytest.skip(f"{regime.dataset}{' and weights' if need_weights else ''} not under the "
+                    "asset root: set SPARSE_REPAIR_ASSETS (../shared/assets/unpack.sh .assets)")
     got = measure(regime)
     num_classes = get_spec(regime.dataset).num_classes
     regime_class = classify_regime(got["dense"], got["top1"], num_classes)

@@ -64,14 +64,16 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
+    from .run import RunConfig, input_resolution
 
     model = _load_model(args)
+    resolution = input_resolution(RunConfig(weights=args.weights, resolution=args.resolution))
     if args.download:
         from .data import get_spec, load_split
 
         load_split(args.dataset, get_spec(args.dataset).splits[1], download=True)
     res = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
-                   device=args.device, resolution=args.resolution, progress=not args.json)
+                   device=args.device, resolution=resolution, progress=not args.json)
     res["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
         print(json.dumps(res, indent=1))
@@ -89,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     sparsity=args.sparsity, repairs=args.repair.split(","), calib=args.calib,
                     seed=args.seed, n_eval=args.n_eval, device=args.device,
                     weights=args.weights, pretrained=args.pretrained,
-                    shrinkage=args.shrinkage)
+                    shrinkage=args.shrinkage, resolution=args.resolution)
     rows = run_single(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=int, default=1024, help="calibration images")
     p.add_argument("--seed", type=int, default=0, help="draws the calibration images")
     p.add_argument("--shrinkage", default=None, help="ASR shrinkage rule (default: library's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side in px (default: the checkpoint's, else the data set's)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
 

@@ -32,6 +32,8 @@ class RunConfig:
     pretrained: bool = True
     shrinkage: str | None = None          # ASR shrinkage rule; None = library default
     exclude: list[str] = field(default_factory=list)
+    resolution: int | None = None         # input side (px); None = checkpoint sidecar's, else
+                                          # the data set's default
 
 
 def load_dense(cfg: RunConfig) -> torch.nn.Module:
@@ -50,6 +52,21 @@ def load_dense(cfg: RunConfig) -> torch.nn.Module:
     return load_pretrained(cfg.model)
 
 
+def input_resolution(cfg: RunConfig) -> int | None:
+    """The side length the dense model expects: explicit, else what it was trained at (the
+    sidecar of a checkpoint from ``sparse-repair train``), else None (the data set default).
+    A model trained at 64 px and evaluated at the 160-px default would be silently wrong."""
+    import json
+    import os
+
+    if cfg.resolution is not None:
+        return cfg.resolution
+    if cfg.weights and os.path.exists(cfg.weights + ".json"):
+        with open(cfg.weights + ".json") as f:
+            return json.load(f).get("resolution")
+    return None
+
+
 def environment(device: str) -> dict:
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
@@ -62,13 +79,14 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     pruned = copy.deepcopy(dense)
     prune_(pruned, allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude))
     achieved = sparsity_report(pruned).total["sparsity"]
-    calib = calibration_set(cfg.dataset, cfg.calib, cfg.seed)
+    res = input_resolution(cfg)
+    calib = calibration_set(cfg.dataset, cfg.calib, cfg.seed, resolution=res)
     rows = []
     for method in cfg.repairs:
         model = copy.deepcopy(pruned)
         opts = {"shrinkage": cfg.shrinkage} if cfg.shrinkage and "asr" in method else {}
         report = repair(model, method, calib.to(cfg.device), dense=dense, **opts)
-        acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device)
+        acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device, resolution=res)
         rows.append({"repair": method, "top1": acc["top1"], "n_eval": acc["n"],
                      "seconds": report.seconds, "passes_dense": report.passes_dense,
                      "passes_pruned": report.passes_pruned, "path": report.path,

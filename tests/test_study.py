@@ -49,6 +49,32 @@ def test_grid_expansion_and_ids_are_stable(tmp_path):
         "the repair list is not part of a run's identity"
 
 
+def test_resolution_is_part_of_a_run_only_when_set():
+    from sparse_repair.run import RunConfig
+    from sparse_repair.study.spec import run_id
+
+    import hashlib
+    import json
+
+    # The id scheme before `resolution` existed: sha1 of the sorted config without repairs.
+    # An unset resolution must keep those ids, or resuming older studies recomputes every run.
+    base = RunConfig(model="resnet20", allocation="erk", sparsity=0.9)
+    old = {k: v for k, v in base.__dict__.items() if k not in ("repairs", "resolution")}
+    expected = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert run_id(base) == expected, "run ids of existing studies changed"
+    assert run_id(base) != run_id(RunConfig(**{**base.__dict__, "resolution": 64})), \
+        "a run at another input resolution is another run"
+
+
+def test_input_resolution_comes_from_the_checkpoint_sidecar():
+    from sparse_repair.run import RunConfig, input_resolution
+
+    cfg = RunConfig(model="resnet8", dataset="digits", weights=str(CKPT))
+    assert input_resolution(cfg) == 8, "a trained checkpoint is evaluated at its training size"
+    assert input_resolution(RunConfig(**{**cfg.__dict__, "resolution": 16})) == 16
+    assert input_resolution(RunConfig(model="resnet20")) is None, "published weights: default"
+
+
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "sparse_repair.cli", "study", *args],
                           capture_output=True, text=True, cwd=ROOT, **kw)

@@ -74,13 +74,14 @@ _DENSE: dict = {}   # per worker process: a dense model is loaded and evaluated 
 def execute_run(cfg: RunConfig, dense_cache: dict) -> tuple[list[dict], float]:
     """One run (prune once, every repair on its own copy); returns rows and dense top-1."""
     from ..evaluate import evaluate
-    from ..run import load_dense, run_single
+    from ..run import input_resolution, load_dense, run_single
 
-    key = (cfg.model, cfg.dataset, cfg.weights, cfg.n_eval, cfg.device)
+    res = input_resolution(cfg)
+    key = (cfg.model, cfg.dataset, cfg.weights, cfg.n_eval, cfg.device, res)
     if key not in dense_cache:
         dense = load_dense(cfg).to(cfg.device)
-        dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval,
-                                            device=cfg.device)["top1"])
+        dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
+                                            resolution=res)["top1"])
     dense, dense_top1 = dense_cache[key]
     return run_single(cfg, dense=dense), dense_top1
 

@@ -45,6 +45,8 @@ def run_id(cfg: RunConfig) -> str:
     (model, data set, allocation, sparsity, seed, ...); its repairs are rows of that run."""
     d = asdict(cfg)
     d.pop("repairs")
+    if d.get("resolution") is None:  # added later: ids of studies written before stay valid
+        d.pop("resolution", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -83,6 +85,7 @@ def load_study(path: str | Path) -> Study:
                         device=opt["device"] or "cpu",
                         weights=_resolve_weights(m.get("weights"), path.parent),
                         pretrained=bool(m.get("pretrained", not m.get("weights"))),
-                        shrinkage=opt["shrinkage"], exclude=list(m.get("exclude", [])))
+                        shrinkage=opt["shrinkage"], exclude=list(m.get("exclude", [])),
+                        resolution=m.get("resolution"))
                     runs.append((run_id(cfg), cfg))
     return Study(name, path, runs, raw)
