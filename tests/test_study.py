@@ -50,11 +50,11 @@ def test_grid_expansion_and_ids_are_stable(tmp_path):
 
 
 def test_resolution_is_part_of_a_run_only_when_set():
-    from sparse_repair.run import RunConfig
-    from sparse_repair.study.spec import run_id
-
     import hashlib
     import json
+
+    from sparse_repair.run import RunConfig
+    from sparse_repair.study.spec import run_id
 
     # The id scheme before `resolution` existed: sha1 of the sorted config without repairs.
     # An unset resolution must keep those ids, or resuming older studies recomputes every run.
