@@ -49,6 +49,22 @@ def test_grid_expansion_and_ids_are_stable(tmp_path):
         "the repair list is not part of a run's identity"
 
 
+def test_run_ids_do_not_depend_on_where_the_checkpoint_lies(tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for suffix in ("", ".json"):
+        shutil.copy(str(CKPT) + suffix, moved / (CKPT.name + suffix))
+    here = load_study(_study(tmp_path))
+    text = _study(tmp_path).read_text().replace(CKPT.as_posix(), (moved / CKPT.name).as_posix())
+    there = tmp_path / "there.toml"
+    there.write_text(text)
+    assert [r for r, _ in load_study(there).runs] == [r for r, _ in here.runs], (
+        "the same checkpoint at another path (another machine, a cluster node) must give the "
+        "same run ids, or resuming there recomputes everything")
+
+
 def test_resolution_is_part_of_a_run_only_when_set():
     import hashlib
     import json

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import tomllib
 
+from ..assets import sha256_of
 from ..run import RunConfig
 
 SHARED_KEYS = ("calib", "n_eval", "device", "seeds", "allocations", "sparsities", "repairs",
@@ -45,9 +46,23 @@ def run_id(cfg: RunConfig) -> str:
     (model, data set, allocation, sparsity, seed, ...); its repairs are rows of that run."""
     d = asdict(cfg)
     d.pop("repairs")
+    if d["weights"]:  # the checkpoint's content, not where this machine keeps it
+        d["weights"] = _weights_identity(d["weights"])
     if d.get("resolution") is None:  # added later: ids of studies written before stay valid
         d.pop("resolution", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_WEIGHT_IDS: dict[str, str] = {}
+
+
+def _weights_identity(path: str) -> str:
+    """File name and content hash of a checkpoint, so run ids are the same on every machine
+    and filesystem (a laptop, a Ray node, a Slurm job) for the same weights."""
+    if path not in _WEIGHT_IDS:
+        p = Path(path)
+        _WEIGHT_IDS[path] = f"{p.name}:{sha256_of(p)[:16]}" if p.is_file() else path
+    return _WEIGHT_IDS[path]
 
 
 def _resolve_weights(w: str | None, base: Path) -> str | None:
