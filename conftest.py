@@ -44,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--assets"):
         os.environ["SPARSE_REPAIR_ASSETS"] = config.getoption("--assets")
+    from sparse_repair.runtime import tune_allocator
+
+    tune_allocator()  # a test session is an entry point: same allocator as the CLI
     if config.getoption("--update-baselines") and os.environ.get("CI", "").lower() == "true":
         raise pytest.UsageError("--update-baselines is refused when CI=true: baselines are "
                                 "recorded by a person on purpose, never by CI")

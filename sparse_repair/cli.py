@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _apply_assets(args)
+    from .runtime import tune_allocator
+
+    tune_allocator()
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -88,7 +88,10 @@ def execute_run(cfg: RunConfig, dense_cache: dict) -> tuple[list[dict], float]:
 
 def run_task(cfg: dict, assets: str) -> dict:
     """What a worker runs for one run: plain dicts in and out, so any engine can ship it."""
+    from ..runtime import tune_allocator
+
     os.environ[ENV_VAR] = assets
+    tune_allocator()  # worker processes are entry points too (docs in runtime.py)
     start = time.perf_counter()
     rows, dense_top1 = execute_run(RunConfig(**cfg), _DENSE)
     return {"rows": rows, "dense_top1": dense_top1, "wall_s": time.perf_counter() - start}
