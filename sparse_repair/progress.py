@@ -27,8 +27,11 @@ class Progress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             frac = self.done / self.total if self.total else 1.0
             bar = "#" * int(20 * frac)
+            # slow work (a study run takes minutes) reads better as seconds per item
+            speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 or rate == 0 else \
+                f"{1 / rate:.0f} s/{self.unit}"
             sys.stderr.write(f"\r{self.desc} [{bar:<20}] {self.done}/{self.total} "
-                             f"{rate:.1f} {self.unit}/s elapsed {elapsed:.0f}s "
+                             f"{speed} elapsed {elapsed:.0f}s "
                              f"ETA {eta:.0f}s {note}")
             if self.done >= self.total:
                 sys.stderr.write("\n")
