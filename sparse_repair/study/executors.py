@@ -49,13 +49,17 @@ class ExecutorConfig:
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0 (extra attempts per run), got {self.retries}")
 
+    def gpus(self, device: str) -> int:
+        """GPUs per task: the explicit option, else one for a CUDA study."""
+        return self.gpus_per_task if self.gpus_per_task is not None else \
+            int(device.startswith("cuda"))
+
 
 @dataclass
 class Outcome:
     rid: str
     cfg: RunConfig
     attempts: int                       # submissions of this run in this invocation
-    seconds: float                      # driver wall time from first submission to outcome
     rows: list[dict] | None = None      # on success
     dense_top1: float | None = None
     wall_s: float | None = None         # worker wall time of the successful attempt
@@ -151,8 +155,7 @@ class _Ray:
             # joins an existing one.
             ray.init(address=ec.ray_address, include_dashboard=False, log_to_driver=False)
             self.started = True
-        gpus = ec.gpus_per_task if ec.gpus_per_task is not None else \
-            int(device.startswith("cuda"))
+        gpus = ec.gpus(device)
         # max_retries=0: the driver retries, so every attempt is counted the same way on every
         # executor (Ray's own retries would be invisible to the store).
         self.fn = fn
@@ -182,8 +185,7 @@ class _Slurm:
             raise _missing_extra("slurm", "submitit") from e
         self.fn, self.poll_s = fn, ec.poll_s
         self.ex = submitit.AutoExecutor(folder=ec.slurm_folder, cluster=ec.slurm_cluster)
-        gpus = ec.gpus_per_task if ec.gpus_per_task is not None else \
-            int(device.startswith("cuda"))
+        gpus = ec.gpus(device)
         params = {"timeout_min": ec.slurm_time_min, "cpus_per_task": ec.cpus_per_task,
                   "slurm_array_parallelism": ec.slurm_parallelism}
         if gpus:
@@ -228,7 +230,6 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
     else:
         backend = _Slurm(ec, fn, device)
     attempts = {rid: 1 for rid, _ in tasks}
-    started = {rid: time.perf_counter() for rid, _ in tasks}
     inflight = dict(zip(backend.submit([(asdict(c), root) for _, c in tasks]), tasks))
     try:
         while inflight:
@@ -242,11 +243,9 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
                         (h,) = backend.submit([(asdict(cfg), root)])
                         inflight[h] = (rid, cfg)
                         continue
-                    yield Outcome(rid, cfg, attempts[rid], time.perf_counter() - started[rid],
-                                  error=traceback.format_exc())
+                    yield Outcome(rid, cfg, attempts[rid], error=traceback.format_exc())
                     continue
-                yield Outcome(rid, cfg, attempts[rid], time.perf_counter() - started[rid],
-                              rows=res["rows"], dense_top1=res["dense_top1"],
-                              wall_s=res.get("wall_s"))
+                yield Outcome(rid, cfg, attempts[rid], rows=res["rows"],
+                              dense_top1=res["dense_top1"], wall_s=res.get("wall_s"))
     finally:
         backend.close()
