@@ -176,3 +176,69 @@ def test_frontier_over_memory_limit_falls_back_to_rerun(pair):
     assert report.path == "rerun", "a frontier over the limit must switch to the rerun path"
     for k, v in _bn_params(a).items():
         assert torch.allclose(v, _bn_params(b)[k], rtol=1e-5, atol=1e-7), k
+
+
+class _ConcatNet(nn.Module):
+    """Both concatenation styles a DenseNet uses: nested (each layer returns cat([new, x]), as
+    in our CIFAR DenseNet) and flat (cat of every earlier feature map, as in torchvision's)."""
+
+    def __init__(self, growth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        widths = [6 + i * growth for i in range(4)]
+        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
+        self.convs = nn.ModuleList(nn.Conv2d(w, growth, 3, padding=1, bias=False)
+                                   for w in widths[:3])
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        new1 = self.convs[0](torch.relu(self.bns[0](x)))
+        nested = torch.cat([new1, x], 1)
+        new2 = self.convs[1](torch.relu(self.bns[1](nested)))
+        flat = torch.cat([x, new1, new2], 1)
+        new3 = self.convs[2](torch.relu(self.bns[2](flat)))
+        out = torch.relu(self.bns[3](torch.cat([nested, new2, new3], 1)))
+        return self.head(out.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def concat_pair():
+    torch.manual_seed(0)
+    dense = _ConcatNet().train()
+    with torch.no_grad():
+        for _ in range(2):
+            dense(torch.randn(32, 3, 8, 8))
+    dense.eval()
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, allocate(pruned, "uniform", 0.7))
+    return dense, pruned, torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("method", PAIRED)
+def test_concatenated_inputs_agree_with_rerun_path(concat_pair, method):
+    """The one-pass engine reuses the moments of channels an earlier BN already summed; the
+    re-run path sums every BN's input afresh. Both must give the same parameters."""
+    dense, pruned, calib = concat_pair
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    assert repair(a, method, calib, dense=dense, chunk_size=16).path == "onepass"
+    repair(b, method, calib, dense=dense, chunk_size=16, path="rerun")
+    for k, va in a.state_dict().items():
+        if k.startswith("bns") and va.is_floating_point():
+            assert torch.allclose(va, b.state_dict()[k], rtol=1e-5, atol=1e-7), \
+                f"{method}: {k} differs between the reuse and the re-run path"
+
+
+def test_each_concatenated_channel_is_summed_once(concat_pair, monkeypatch):
+    import sparse_repair.repair.engine as engine
+
+    summed = []
+    real = engine.chunk_moments
+    monkeypatch.setattr(engine, "chunk_moments",
+                        lambda s, d, shift: summed.append(s.shape[1]) or real(s, d, shift))
+    dense, pruned, calib = concat_pair
+    repair(copy.deepcopy(pruned), "asr", calib[:16], dense=dense)
+    distinct = 6 + 3 * 4            # stem output and three 4-channel layers
+    assert sum(summed) == distinct, (
+        f"{sum(summed)} channels summed for {distinct} distinct ones: the engine re-summed "
+        "channels an earlier BN had already seen")

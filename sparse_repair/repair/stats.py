@@ -109,6 +109,32 @@ def merge(a: Moments | None, b: Moments) -> Moments:
                    add(a.s1_d, b.s1_d), add(a.s2_d, b.s2_d), add(a.s_ds, b.s_ds))
 
 
+def reshift(m: Moments, shift: torch.Tensor) -> Moments:
+    """The same moments about another per-channel reference: with x - b = (x - a) + delta,
+    the shifted sums transform exactly (float64), so moments computed under one BN's shift can
+    serve a later BN that sees the same channels."""
+    delta = m.shift - shift.double()
+    n = m.n
+
+    def s2(s2_x, s1_x):
+        return s2_x + 2 * delta * s1_x + n * delta * delta
+
+    out = Moments(n, shift.double(), m.s1_s + n * delta, s2(m.s2_s, m.s1_s))
+    if m.s1_d is not None:
+        out.s1_d = m.s1_d + n * delta
+        out.s2_d = s2(m.s2_d, m.s1_d)
+        out.s_ds = m.s_ds + delta * (m.s1_d + m.s1_s) + n * delta * delta
+    return out
+
+
+def concat(parts: list[Moments]) -> Moments:
+    """Moments of a channel concatenation: per-channel sums simply concatenate."""
+    cat = (lambda xs: None if xs[0] is None else torch.cat(xs))
+    return Moments(parts[0].n, cat([p.shift for p in parts]), cat([p.s1_s for p in parts]),
+                   cat([p.s2_s for p in parts]), cat([p.s1_d for p in parts]),
+                   cat([p.s2_d for p in parts]), cat([p.s_ds for p in parts]))
+
+
 # ----------------------------------------------------------------------------- shrinkage
 # kappa_c in [0, 1] multiplies gamma_c after channel-wise variance matching. Inputs: the
 # merged moments, the BN's dense running variance v and eps. Output: float64 kappa.
