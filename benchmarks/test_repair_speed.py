@@ -122,10 +122,11 @@ def test_gpu_matches_cpu(name, method):
                 f"{vg.flatten()[worst].item():.8g} vs {vc.flatten()[worst].item():.8g}")
 
 
-# DenseNet-121 measured 2.46x on an H200 (docs/repair.md): every BN's input is the growing
-# concatenation of all earlier features, so the statistics pass reads far more data than the
-# cheap 1x1 convs it precedes. Kept as a visible expected failure until the engine reuses the
-# moments of already-seen channels; it turns into XPASS when that lands.
+# DenseNet-121 measured 2.46x on an H200 (docs/RESULTS.md section 4): every BN's input is the
+# growing concatenation of all earlier features, and the statistics were summed afresh for each.
+# The engine now reuses the moments of channels an earlier BN summed (CPU: 1.55x -> 1.38x,
+# scripts/bench_repair_share.py); not yet measured on a GPU, so the mark stays, non-strict, until
+# the GPU lane reports XPASS.
 RATIO_XFAIL = {"densenet121"}
 
 
