@@ -3,49 +3,38 @@ baseline, and transition regimes must keep the asr-over-bn_recal margin that def
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from regimes import ALL, REPAIRS, Regime
 
 from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
-from sparse_repair.allocation import allocate
-from sparse_repair.data import calibration_set, get_spec
+from sparse_repair.data import get_spec
 from sparse_repair.evaluate import evaluate
-from sparse_repair.pruning import prune_
 from sparse_repair.regress import classify_regime, compare
-from sparse_repair.repair import repair
+from sparse_repair.run import RunConfig, input_resolution, load_dense, run_single
 
 _CACHE: dict[str, dict] = {}
-_DENSE: dict[tuple, float] = {}
-
-
-def _dense_model(r: Regime):
-    from sparse_repair.weights import load_pretrained, load_trained
-
-    if r.weights:
-        return load_trained(ROOT / r.weights)[0]
-    return load_pretrained(r.model)
+_DENSE: dict[tuple, tuple] = {}
 
 
 def measure(r: Regime) -> dict:
-    """Prune once, repair a copy per method on the same calibration images, evaluate each."""
+    """The regime as one `sparse_repair.run.run_single` run (what `sparse-repair run` and the
+    study measure): prune once, repair a copy per method on the same calibration images,
+    evaluate each. The dense model and its accuracy are shared by regimes of one checkpoint."""
     if r.id in _CACHE:
         return _CACHE[r.id]
-    dense = _dense_model(r)
+    cfg = RunConfig(model=r.model, dataset=r.dataset, allocation=r.allocation,
+                    sparsity=r.sparsity, repairs=list(REPAIRS), calib=r.calib, seed=r.seed,
+                    n_eval=r.n_eval, weights=str(ROOT / r.weights) if r.weights else None,
+                    resolution=r.resolution)
     key = (r.model, r.weights, r.dataset, r.n_eval, r.resolution)
     if key not in _DENSE:
-        _DENSE[key] = evaluate(dense, r.dataset, r.n_eval, resolution=r.resolution)["top1"]
-    pruned = copy.deepcopy(dense)
-    prune_(pruned, allocate(pruned, r.allocation, r.sparsity))
-    calib = calibration_set(r.dataset, r.calib, r.seed, resolution=r.resolution)
-    top1 = {}
-    for method in REPAIRS:
-        model = copy.deepcopy(pruned)
-        repair(model, method, calib, dense=dense)
-        top1[method] = evaluate(model, r.dataset, r.n_eval, resolution=r.resolution)["top1"]
-    _CACHE[r.id] = {"dense": _DENSE[key], "top1": top1}
+        dense = load_dense(cfg)
+        _DENSE[key] = (dense, evaluate(dense, r.dataset, r.n_eval,
+                                       resolution=input_resolution(cfg))["top1"])
+    dense, dense_top1 = _DENSE[key]
+    rows = run_single(cfg, dense=dense)
+    _CACHE[r.id] = {"dense": dense_top1, "top1": {row["repair"]: row["top1"] for row in rows}}
     return _CACHE[r.id]
 
 
