@@ -183,6 +183,8 @@ def test_report_end_to_end_on_digits(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Transition regime" in text and "lamp - erk" in text
+    assert "| allocation | sparsity | bn_recal | asr | n |" in text, \
+        "the accuracy table needs one column per repair, in the study file's order"
     assert (tmp_path / "rep" / "cells.csv").exists()
 
 
