@@ -205,8 +205,8 @@ def _none(pruned, dense, chunks, opts):
     return "none", 0, 0, []
 
 
-# Registry: method -> (function, needs BatchNorm). Defaults chosen by the ablation in
-# docs/repair.md (python -m sparse_repair.experiments.repair_tables).
+# Registry: method -> (function, needs BatchNorm). Defaults chosen by the ablations in
+# docs/RESULTS.md sections 2-3 (python scripts/repair_ablation.py shrinkage / clip).
 REPAIRS: dict[str, tuple[Callable, bool]] = {
     "none": (_none, False),
     "bn_recal": (_bn_recal, True),
