@@ -5,13 +5,13 @@ GPU lane (--gpu): the same on CUDA, agreement with the CPU path, and absolute bu
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 
 from conftest import GPU_BUDGET_FILE, GPU_UPDATES, load_json
 from sparse_repair.allocation import allocate
+from sparse_repair.evaluate import forward_seconds
 from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
@@ -33,29 +33,14 @@ def _pair(name: str, device: str, seed: int = 0):
     return dense, pruned, calib
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def _forward_seconds(model, calib, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for chunk in torch.split(calib, CHUNK):
-        model(chunk)
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "asr") -> dict:
     """Best-of-``rounds`` seconds for the reference forwards and the gated method; the other
     methods are recorded from one round (informational on CPU, where one ResNet-56 round of
     bn_recal + clipped_asr costs about a minute of the suite)."""
     dense, pruned, calib = _pair(name, device)
-    _forward_seconds(dense, calib[:CHUNK], device)  # warm-up (allocator, cuDNN autotune)
+    forward_seconds(dense, calib[:CHUNK], CHUNK)  # warm-up (allocator, cuDNN autotune)
     repair(copy.deepcopy(pruned), "asr", calib[:CHUNK], dense=dense)
-    ref = min(_forward_seconds(dense, calib, device) + _forward_seconds(pruned, calib, device)
+    ref = min(forward_seconds(dense, calib, CHUNK) + forward_seconds(pruned, calib, CHUNK)
               for _ in range(rounds))
     out = {"reference_s": ref}
     for method in methods:

@@ -16,27 +16,13 @@ import torch
 
 import sparse_repair.repair.engine as engine
 from sparse_repair.allocation import allocate
+from sparse_repair.evaluate import forward_seconds, synchronize
 from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
 from sparse_repair.runtime import tune_allocator
 
 CHUNK = 128  # images per chunk, for the repair and the reference forwards
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def forward_seconds(model, images, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for chunk in torch.split(images, CHUNK):
-        model(chunk)
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -51,17 +37,16 @@ def main() -> None:
     prune_(pruned, allocate(pruned, "erk", 0.9))
     images = torch.randn(args.images, 3, 32, 32,
                          generator=torch.Generator().manual_seed(0)).to(args.device)
-    forward_seconds(dense, images[:CHUNK], args.device)  # warm-up
-    reference = forward_seconds(dense, images, args.device) + \
-        forward_seconds(pruned, images, args.device)
+    forward_seconds(dense, images[:CHUNK], CHUNK)  # warm-up
+    reference = forward_seconds(dense, images, CHUNK) + forward_seconds(pruned, images, CHUNK)
     summing = [0.0]
     real = engine.chunk_moments
 
     def timed(*a, **k):
-        _sync(args.device)
+        synchronize(args.device)
         start = time.perf_counter()
         out = real(*a, **k)
-        _sync(args.device)
+        synchronize(args.device)
         summing[0] += time.perf_counter() - start
         return out
 

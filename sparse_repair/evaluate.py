@@ -40,3 +40,22 @@ def evaluate(model: nn.Module, dataset: str = "cifar10-jpeg", n: int | None = 20
     if spec.num_classes > 10:
         out["top5"] = 100.0 * correct5 / len(idx)
     return out
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock timings cover it; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def forward_seconds(model: nn.Module, images: torch.Tensor, chunk_size: int = 256) -> float:
+    """Wall time of one forward pass of ``model`` (as it is: mode and device unchanged) over
+    ``images`` in chunks: the reference the repair engine's cost is measured against."""
+    device = images.device
+    synchronize(device)
+    start = time.perf_counter()
+    for chunk in torch.split(images, chunk_size):
+        model(chunk)
+    synchronize(device)
+    return time.perf_counter() - start
