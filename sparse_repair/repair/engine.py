@@ -112,12 +112,12 @@ def _input_moments(src: torch.fx.Node, shift: torch.Tensor, env_p: dict, env_d: 
     (`python scripts/bench_repair_share.py`, run at this commit and its parent): moment sums
     6.3-6.7 s -> 2.4-2.7 s, ASR 1.54-1.58x -> 1.37-1.38x one dense + one pruned forward."""
     pieces = _pieces(src, seen, channels)
+    whole = len(pieces) == 1     # no slicing: the sums are exactly those of a plain BN input
     out = []
     for node, off, c in pieces:
         if node in seen:
             out.append(reshift(seen[node], shift[off:off + c]))
             continue
-        whole = len(pieces) == 1
         moments = None
         for j in range(len(env_p[src])):
             s = env_p[src][j] if whole else env_p[src][j][:, off:off + c]
