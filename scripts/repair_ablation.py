@@ -2,9 +2,14 @@
 
     python scripts/repair_ablation.py shrinkage --models resnet20,resnet56 --sparsities 0.9,0.95
     python scripts/repair_ablation.py clip --models resnet20 --sparsities 0.9
+    python scripts/repair_ablation.py shrinkage --n-eval full --seeds 0,1,2 --device cuda \
+        --jsonl rows.jsonl
 
-Each regime is pruned once; every variant repairs its own copy from the same 1,024 calibration
-images (seed 0) and is evaluated on the fixed stratified 2,000-image subset of cifar10-jpeg.
+Each regime is pruned once; for each calibration seed every variant repairs its own copy from
+the same 1,024 calibration images and is evaluated on the fixed stratified subset of
+cifar10-jpeg (2,000 images by default, `--n-eval full` for all 10,000). Rows are appended to
+`--jsonl` as they finish, so an interrupted run keeps what it measured; the printed table is the
+mean over seeds (± std when there are several).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import copy
 import itertools
 import json
+import statistics
 import time
 
 from sparse_repair.allocation import allocate
@@ -43,44 +49,70 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,resnet56")
     ap.add_argument("--allocations", default="erk,lamp")
     ap.add_argument("--sparsities", default="0.9,0.95")
-    ap.add_argument("--calib", type=int, default=1024)
-    ap.add_argument("--n-eval", type=int, default=2000)
-    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    ap.add_argument("--calib", type=int, default=1024, help="calibration images per seed")
+    ap.add_argument("--seeds", default="0", help="calibration seeds, comma separated")
+    ap.add_argument("--n-eval", default="2000", help="test images (stratified) or 'full'")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", default=None, help="JSON file for all rows at the end")
+    ap.add_argument("--jsonl", default=None, help="append each row here as it finishes")
     ap.add_argument("--heatmap", default=None, help="clip: PNG path for the (g_min, g_max) map")
     args = ap.parse_args()
-    calib = calibration_set("cifar10-jpeg", args.calib, 0)
+    n_eval = None if args.n_eval == "full" else int(args.n_eval)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    calibs = {seed: calibration_set("cifar10-jpeg", args.calib, seed).to(args.device)
+              for seed in seeds}
     rows = []
     for model_name in args.models.split(","):
-        dense = load_pretrained(model_name)
+        dense = load_pretrained(model_name).to(args.device)
         for alloc, sp in itertools.product(args.allocations.split(","),
                                            [float(s) for s in args.sparsities.split(",")]):
             pruned = copy.deepcopy(dense)
             prune_(pruned, allocate(pruned, alloc, sp))
-            for method, opts in variants(args.kind):
+            for seed, (method, opts) in itertools.product(seeds, variants(args.kind)):
                 model = copy.deepcopy(pruned)
                 t = time.perf_counter()
-                repair(model, method, calib, dense=dense, **opts)
-                top1 = evaluate(model, "cifar10-jpeg", args.n_eval)["top1"]
+                repair(model, method, calibs[seed], dense=dense, **opts)
+                top1 = evaluate(model, "cifar10-jpeg", n_eval, device=args.device,
+                                batch_size=1000 if args.device != "cpu" else 128)["top1"]
                 label = method + "".join(f" {k}={v}" for k, v in opts.items())
-                rows.append({"model": model_name, "allocation": alloc, "sparsity": sp,
-                             "variant": label, "top1": top1,
-                             "seconds": time.perf_counter() - t})
-                print(f"{model_name} {alloc} {sp} {label:<48} {top1:6.2f}", flush=True)
+                row = {"model": model_name, "allocation": alloc, "sparsity": sp, "seed": seed,
+                       "variant": label, "top1": top1, "n_eval": args.n_eval,
+                       "device": args.device, "seconds": time.perf_counter() - t}
+                rows.append(row)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(f"{model_name} {alloc} {sp} seed {seed} {label:<48} {top1:6.2f}",
+                      flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     regimes = sorted({(r["model"], r["allocation"], r["sparsity"]) for r in rows})
-    labels = list(dict.fromkeys(r["variant"] for r in rows))
-    print("\n| variant | " + " | ".join(f"{m} {a} {s}" for m, a, s in regimes) + " |")
-    print("|---|" + "---|" * len(regimes))
-    for label in labels:
-        cells = [next(r["top1"] for r in rows if r["variant"] == label and
-                      (r["model"], r["allocation"], r["sparsity"]) == g) for g in regimes]
-        print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-
-
+    print(table(rows, regimes))
     if args.kind == "clip" and args.heatmap:
         heatmap(rows, regimes, args.heatmap)
+
+
+def top1s(rows: list[dict], regime, label: str) -> list[float]:
+    """Top-1 of one variant in one regime, one value per calibration seed."""
+    return [r["top1"] for r in rows
+            if r["variant"] == label and (r["model"], r["allocation"], r["sparsity"]) == regime]
+
+
+def table(rows: list[dict], regimes) -> str:
+    """Markdown: a row per variant, a column per regime, mean (± std over seeds) top-1."""
+    def cell(vals: list[float]) -> str:
+        if len(vals) < 2:
+            return f"{vals[0]:.1f}"
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["| variant | " + " | ".join(f"{m} {a} {s}" for m, a, s in regimes) + " |",
+             "|---|" + "---|" * len(regimes)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(cell(top1s(rows, g, label))
+                                                    for g in regimes) + " |")
+    return "\n".join(lines)
 
 
 def heatmap(rows: list[dict], regimes, path: str) -> None:
@@ -94,12 +126,11 @@ def heatmap(rows: list[dict], regimes, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 3.8), squeeze=False)
     for ax, g in zip(axes[0], regimes):
-        sel = [r for r in rows if (r["model"], r["allocation"], r["sparsity"]) == g]
         grid = np.zeros((len(G_MIN), len(G_MAX)))
         for i, lo in enumerate(G_MIN):
             for j, hi in enumerate(G_MAX):
                 label = f"clipped_asr g_min={lo} g_max={hi}"
-                grid[i, j] = next(r["top1"] for r in sel if r["variant"] == label)
+                grid[i, j] = statistics.mean(top1s(rows, g, label))
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i in range(len(G_MIN)):
             for j in range(len(G_MAX)):
@@ -109,8 +140,8 @@ def heatmap(rows: list[dict], regimes, path: str) -> None:
         ax.set_yticks(range(len(G_MIN)), [str(lo) for lo in G_MIN])
         ax.set_xlabel("g_max (upper clip of the channel gain)")
         ax.set_ylabel("g_min (lower clip)")
-        asr = next(r["top1"] for r in sel if r["variant"] == "asr")
-        bn = next(r["top1"] for r in sel if r["variant"] == "bn_recal")
+        asr = statistics.mean(top1s(rows, g, "asr"))
+        bn = statistics.mean(top1s(rows, g, "bn_recal"))
         ax.set_title(f"{g[0]} {g[1]} S={g[2]}: top-1 %\n(asr {asr:.1f}, bn_recal {bn:.1f})",
                      fontsize=9)
         fig.colorbar(im, ax=ax, label="top-1 (%)")

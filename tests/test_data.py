@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,17 @@ def test_calibration_returns_images_only_and_is_seeded(asset_root):
     assert a.shape == (8, 3, 32, 32)
     assert torch.equal(a, b), "same seed must give the same calibration images"
     assert not torch.equal(a, c), "another seed must draw other images"
+
+
+def test_calibration_draw_is_cached_and_reproduced_without_the_train_folder(asset_root):
+    _write_folder(asset_root, "cifar10-jpeg", "train", classes=tuple("abcd"), per_class=5,
+                  size=32)
+    first = D.calibration_set("cifar10-jpeg", n=8, seed=3)
+    shutil.rmtree(asset_root / "cifar10-jpeg" / "train")
+    again = D.calibration_set("cifar10-jpeg", n=8, seed=3)
+    assert torch.equal(first, again), "the cached draw must equal the decoded one, bit for bit"
+    with pytest.raises(AssetMissingError, match="train"):
+        D.calibration_set("cifar10-jpeg", n=8, seed=4)  # not cached: needs the folder again
 
 
 def test_stratified_subset_is_class_balanced():
