@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import sqlite3
@@ -186,6 +187,22 @@ def test_report_end_to_end_on_digits(tmp_path):
     assert "| allocation | sparsity | bn_recal | asr | n |" in text, \
         "the accuracy table needs one column per repair, in the study file's order"
     assert (tmp_path / "rep" / "cells.csv").exists()
+
+
+def test_report_and_status_cover_only_the_study_files_runs(tmp_path):
+    db = tmp_path / "shared.sqlite"
+    wide = _study(tmp_path, sparsities=(0.8, 0.9), name="wide")
+    assert _cli("run", str(wide), "--db", str(db)).returncode == 0
+    narrow = _study(tmp_path, sparsities=(0.8,), name="narrow")
+    status = _cli("status", str(narrow), "--db", str(db))
+    assert "2/2 runs done" in status.stdout and "2 runs)" in status.stdout, \
+        f"runs of another study in the same store must not count: {status.stdout}"
+    r = _cli("report", str(narrow), "--db", str(db), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "rep" / "cells.csv") as f:
+        sparsities = {row["sparsity"] for row in csv.DictReader(f)}
+    assert sparsities == {"0.8"}, \
+        f"the report must hold only the study file's runs, got sparsities {sparsities}"
 
 
 @needs_assets

@@ -66,7 +66,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {sum(r in done for r in ids)}/{len(ids)} runs done, "
           f"{sum(r in failed for r in ids)} failed, "
           f"{sum(r not in done and r not in failed for r in ids)} pending ({store.path})")
-    for model, walls in sorted(store.wall_times().items()):
+    for model, walls in sorted(store.wall_times(set(ids)).items()):
         walls = sorted(walls)
         print(f"{model}: worker wall time per run median {walls[len(walls) // 2]:.1f}s "
               f"(min {walls[0]:.1f}s, max {walls[-1]:.1f}s, {len(walls)} runs)")
@@ -93,6 +93,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         os.environ["SPARSE_REPAIR_ASSETS"] = args.assets
     study = load_study(args.study)
     store = Store(db_path(study, args.db))
-    out = write_report(study, store.rows(), Path(args.out))
+    out = write_report(study, store.rows({rid for rid, _ in study.runs}), Path(args.out))
     print(json.dumps(out, indent=1))
     return 0

@@ -66,19 +66,26 @@ class Store:
                         "WHERE run_id=?),0)+?,?,?,?,?)",
                         (rid, status, rid, attempts, error, json.dumps(config), now, wall_s))
 
-    def wall_times(self) -> dict[str, list[float]]:
-        """Worker wall seconds of each finished run (recorded since the executors), by model."""
+    def wall_times(self, run_ids: set[str] | None = None) -> dict[str, list[float]]:
+        """Worker wall seconds of each finished run (recorded since the executors), by model;
+        only the runs in ``run_ids`` when given."""
         out: dict[str, list[float]] = {}
-        for config, wall in self.db.execute(
-                "SELECT config, wall_s FROM runs WHERE status='done' AND wall_s IS NOT NULL"):
-            out.setdefault(json.loads(config)["model"], []).append(wall)
+        for rid, config, wall in self.db.execute(
+                "SELECT run_id, config, wall_s FROM runs WHERE status='done' AND wall_s IS NOT "
+                "NULL"):
+            if run_ids is None or rid in run_ids:
+                out.setdefault(json.loads(config)["model"], []).append(wall)
         return out
 
     def attempts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT run_id, attempts FROM runs"))
 
-    def rows(self) -> list[dict]:
+    def rows(self, run_ids: set[str] | None = None) -> list[dict]:
+        """Result rows, only those of ``run_ids`` when given: a store may also hold runs of an
+        earlier version of the study file, or runs copied from another study whose ids match
+        (a run id is the hash of its resolved config, so equal ids are equal runs)."""
         cur = self.db.execute("SELECT * FROM results ORDER BY model, dataset, allocation, "
                               "sparsity, seed, repair")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        return [r for r in rows if run_ids is None or r["run_id"] in run_ids]
