@@ -2,6 +2,8 @@
 
     python scripts/repair_ablation.py shrinkage --models resnet20,resnet56 --sparsities 0.9,0.95
     python scripts/repair_ablation.py clip --models resnet20 --sparsities 0.9
+    python scripts/repair_ablation.py clip --models resnet56 --sparsities 0.97 --seeds 0,1,2 \
+        --g-min 0,0.5 --g-max 2,3,4,6,8,inf
     python scripts/repair_ablation.py shrinkage --n-eval full --seeds 0,1,2 --device cuda \
         --jsonl rows.jsonl
 
@@ -32,15 +34,19 @@ SHRINK_VARIANTS = [("bn_recal", {}), ("channelwise", {})] + [
     ("asr", {"shrinkage": s, "scope": sc})
     for s in ("correlation", "relative", "relative_soft", "pooled")
     for sc in ("all", "branch_end", "inner")]
-G_MIN = [0.0, 0.25, 0.5]
-G_MAX = [1.5, 2.0, 4.0, 8.0, float("inf")]
+G_MIN = "0,0.25,0.5"          # default clip grid: lower bounds of the channel gain
+G_MAX = "1.5,2,4,8,inf"       # upper bounds ("inf" = no upper clip)
 
 
-def variants(kind: str):
+def floats(csv: str) -> list[float]:
+    return [float(x) for x in csv.split(",")]
+
+
+def variants(kind: str, g_min: list[float], g_max: list[float]):
     if kind == "shrinkage":
         return SHRINK_VARIANTS
     return [("bn_recal", {}), ("asr", {})] + [
-        ("clipped_asr", {"g_min": lo, "g_max": hi}) for lo, hi in itertools.product(G_MIN, G_MAX)]
+        ("clipped_asr", {"g_min": lo, "g_max": hi}) for lo, hi in itertools.product(g_min, g_max)]
 
 
 def main() -> None:
@@ -56,7 +62,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for all rows at the end")
     ap.add_argument("--jsonl", default=None, help="append each row here as it finishes")
     ap.add_argument("--heatmap", default=None, help="clip: PNG path for the (g_min, g_max) map")
+    ap.add_argument("--g-min", default=G_MIN, help="clip: lower bounds, comma separated")
+    ap.add_argument("--g-max", default=G_MAX, help="clip: upper bounds, comma separated")
     args = ap.parse_args()
+    g_min, g_max = floats(args.g_min), floats(args.g_max)
     n_eval = None if args.n_eval == "full" else int(args.n_eval)
     seeds = [int(s) for s in args.seeds.split(",")]
     calibs = {seed: calibration_set("cifar10-jpeg", args.calib, seed).to(args.device)
@@ -68,7 +77,7 @@ def main() -> None:
                                            [float(s) for s in args.sparsities.split(",")]):
             pruned = copy.deepcopy(dense)
             prune_(pruned, allocate(pruned, alloc, sp))
-            for seed, (method, opts) in itertools.product(seeds, variants(args.kind)):
+            for seed, (method, opts) in itertools.product(seeds, variants(args.kind, g_min, g_max)):
                 model = copy.deepcopy(pruned)
                 t = time.perf_counter()
                 repair(model, method, calibs[seed], dense=dense, **opts)
@@ -90,7 +99,7 @@ def main() -> None:
     regimes = sorted({(r["model"], r["allocation"], r["sparsity"]) for r in rows})
     print(table(rows, regimes))
     if args.kind == "clip" and args.heatmap:
-        heatmap(rows, regimes, args.heatmap)
+        heatmap(rows, regimes, args.heatmap, g_min, g_max)
 
 
 def top1s(rows: list[dict], regime, label: str) -> list[float]:
@@ -115,7 +124,8 @@ def table(rows: list[dict], regimes) -> str:
     return "\n".join(lines)
 
 
-def heatmap(rows: list[dict], regimes, path: str) -> None:
+def heatmap(rows: list[dict], regimes, path: str, g_min: list[float],
+            g_max: list[float]) -> None:
     """One panel per regime: top-1 of clipped_asr over (g_min, g_max), with asr's and
     bn_recal's accuracy in the title for reference."""
     import matplotlib
@@ -126,18 +136,19 @@ def heatmap(rows: list[dict], regimes, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 3.8), squeeze=False)
     for ax, g in zip(axes[0], regimes):
-        grid = np.zeros((len(G_MIN), len(G_MAX)))
-        for i, lo in enumerate(G_MIN):
-            for j, hi in enumerate(G_MAX):
+        grid = np.zeros((len(g_min), len(g_max)))
+        for i, lo in enumerate(g_min):
+            for j, hi in enumerate(g_max):
                 label = f"clipped_asr g_min={lo} g_max={hi}"
                 grid[i, j] = statistics.mean(top1s(rows, g, label))
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        for i in range(len(G_MIN)):
-            for j in range(len(G_MAX)):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w",
-                        fontsize=8)
-        ax.set_xticks(range(len(G_MAX)), [str(h) for h in G_MAX])
-        ax.set_yticks(range(len(G_MIN)), [str(lo) for lo in G_MIN])
+        for i in range(len(g_min)):
+            for j in range(len(g_max)):
+                bright = grid[i, j] > (grid.min() + grid.max()) / 2   # readable on viridis
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center",
+                        color="k" if bright else "w", fontsize=8)
+        ax.set_xticks(range(len(g_max)), [str(h) for h in g_max])
+        ax.set_yticks(range(len(g_min)), [str(lo) for lo in g_min])
         ax.set_xlabel("g_max (upper clip of the channel gain)")
         ax.set_ylabel("g_min (lower clip)")
         asr = statistics.mean(top1s(rows, g, "asr"))
