@@ -205,6 +205,21 @@ def test_report_and_status_cover_only_the_study_files_runs(tmp_path):
         f"the report must hold only the study file's runs, got sparsities {sparsities}"
 
 
+def test_report_of_an_unfinished_study_says_it_is_incomplete(tmp_path):
+    db = tmp_path / "partial.sqlite"
+    narrow = _study(tmp_path, sparsities=(0.8,), name="narrow")
+    assert _cli("run", str(narrow), "--db", str(db)).returncode == 0
+    wide = _study(tmp_path, sparsities=(0.8, 0.9), name="wide")
+    r = _cli("report", str(wide), "--db", str(db), "--out", str(tmp_path / "wide"))
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "wide" / "report.md").read_text()
+    assert "Incomplete: 2 of 4 runs done" in text, \
+        f"a report over half the runs must say so in its header:\n{text[:400]}"
+    r = _cli("report", str(narrow), "--db", str(db), "--out", str(tmp_path / "narrow"))
+    assert "Incomplete" not in (tmp_path / "narrow" / "report.md").read_text(), \
+        "a finished study's report must not be flagged incomplete"
+
+
 @needs_assets
 def test_report_end_to_end_on_resnet20(tmp_path):
     f = tmp_path / "r20.toml"

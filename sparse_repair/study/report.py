@@ -53,8 +53,14 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
         regimes[key] = transition_interval(curve, k, FAIL_FACTOR * 100.0 / k,
                                            RECOVERY_MARGIN_PT)
 
+    runs_done, runs_total = len({r["run_id"] for r in rows}), len(study.runs)
     md = [f"# Study `{study.name}`", "",
           f"{len(rows)} result rows from `{study.path}`; every cell also in `cells.csv`.", ""]
+    if runs_done < runs_total:
+        # A report of a sweep in progress is useful, but must not pass for the finished one.
+        md += [f"**Incomplete: {runs_done} of {runs_total} runs done.** Missing cells, cells "
+               f"with n below the study's seed count and the transition regimes are provisional; "
+               f"resume with `sparse-repair study run {study.path}`.", ""]
     md += _accuracy_tables(cell_rows, dense, _repair_order(study, cell_rows))
     md += ["", "## Paired differences (95% bootstrap CI over seeds; * = CI excludes 0)", "",
            "| group | difference | mean | 95% CI | n |", "|---|---|---|---|---|"]
@@ -76,6 +82,7 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"report": str(out / "report.md"), "plots": plots,
+            "runs_done": runs_done, "runs_total": runs_total,
             "transition": {"/".join(k): v for k, v in regimes.items()}}
 
 
