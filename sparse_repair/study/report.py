@@ -126,33 +126,60 @@ def _plots(study: Study, cell_rows, dense, regimes, out: Path) -> list[str]:
         print("matplotlib missing: install the `plot` extra for figures", flush=True)
         return []
     files = []
+    from matplotlib.lines import Line2D
+
     for (model, dataset) in sorted({(c["model"], c["dataset"]) for c in cell_rows}):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        fig, ax = plt.subplots(figsize=(9.0, 4.8))
         sel = [c for c in cell_rows if c["model"] == model and c["dataset"] == dataset]
         repairs = sorted({c["repair"] for c in sel})
-        colors = {r: f"C{i}" for i, r in enumerate(repairs)}  # colour = repair, dash = LAMP
+        allocs = sorted({c["allocation"] for c in sel}, key=_alloc_order)
+        colors = {r: f"C{i}" for i, r in enumerate(repairs)}  # colour = repair
+        styles = {a: _ALLOC_STYLE.get(a, ":") for a in allocs}  # line style = allocation
         for (alloc, rep) in sorted({(c["allocation"], c["repair"]) for c in sel}):
             pts = sorted((c["sparsity"], c["mean"], c["std"]) for c in sel
                          if c["allocation"] == alloc and c["repair"] == rep)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                        linestyle="--" if alloc == "lamp" else "-", marker="o", ms=3,
-                        capsize=2, color=colors[rep], label=f"{alloc} / {rep}")
-        ax.axhline(dense[(model, dataset)], color="k", lw=0.8, label="dense")
+                        linestyle=styles[alloc], marker="o", ms=3, lw=1.2,
+                        capsize=2, color=colors[rep])
+        ax.axhline(dense[(model, dataset)], color="k", lw=0.8)
         ax.set_ylim(0, min(100, dense[(model, dataset)] + 5))
-        for alloc, color in (("erk", "tab:orange"), ("lamp", "tab:blue")):
+        shaded = []
+        for i, alloc in enumerate(allocs):
             iv = regimes.get((model, dataset, alloc))
             if iv:
-                ax.axvspan(iv[0] - 0.002, iv[1] + 0.002, color=color, alpha=0.12,
-                           label=f"transition ({alloc})")
+                ax.axvspan(iv[0] - 0.002, iv[1] + 0.002, color=f"C{i + len(repairs)}",
+                           alpha=0.15)
+                shaded.append(alloc)
         ax.set_xlabel("global sparsity (pruned fraction)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(f"{model} on {dataset}: label-free repair vs sparsity")
-        ax.legend(fontsize=6.5, ncol=2, loc="lower left")
+        # Two small legends outside the axes (repair by colour, allocation by line style)
+        # instead of one entry per line: 4 allocations x 6 repairs hid the curves.
+        rep_leg = ax.legend([Line2D([], [], color=colors[r], marker="o", ms=3) for r in repairs]
+                            + [Line2D([], [], color="k", lw=0.8)],
+                            repairs + ["dense"], title="repair", fontsize=7, title_fontsize=7,
+                            loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.add_artist(rep_leg)
+        ax.legend([Line2D([], [], color="0.3", linestyle=styles[a]) for a in allocs]
+                  + [plt.Rectangle((0, 0), 1, 1, color=f"C{allocs.index(a) + len(repairs)}",
+                                   alpha=0.15) for a in shaded],
+                  allocs + [f"transition ({a})" for a in shaded], title="allocation",
+                  fontsize=7, title_fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))
         fig.tight_layout()
         files += _save(fig, out, f"accuracy_{model}_{dataset}")
         plt.close(fig)
     files += _density_plot(study, out, plt)
     return files
+
+
+# ERK solid and LAMP dashed (the paper's pair), then the others; unknown allocations dotted.
+_ALLOC_STYLE = {"erk": "-", "lamp": "--", "uniform": ":", "global_magnitude": "-.",
+                "uniform_plus": (0, (5, 1, 1, 1)), "er": (0, (1, 3))}
+
+
+def _alloc_order(alloc: str) -> tuple:
+    return (list(_ALLOC_STYLE).index(alloc) if alloc in _ALLOC_STYLE else len(_ALLOC_STYLE),
+            alloc)
 
 
 def _save(fig, out: Path, stem: str) -> list[str]:
