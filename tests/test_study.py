@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 
 from sparse_repair.study.spec import load_study
-from sparse_repair.study.stats import bootstrap_ci, paired_diffs, transition_interval
+from sparse_repair.study.stats import (
+    bootstrap_ci,
+    describe_interval,
+    paired_diffs,
+    transition_interval,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt"
@@ -170,6 +175,21 @@ def test_transition_detected_on_synthetic_curve():
     assert transition_interval(curve, 10) == (0.90, 0.93)
     assert transition_interval({0.9: {"bn_recal": 50, "asr": 52}}, 10) is None
 
+
+
+def test_transition_description_names_the_grid_neighbours_of_its_edges():
+    grid = [0.9, 0.93, 0.95, 0.97]
+    text = describe_interval(grid, [0.97])
+    assert "between 0.95 and 0.97" in text and "grid's end 0.97" in text, \
+        f"a one-point interval at the grid's end must say where its edges can lie: {text}"
+    assert describe_interval(grid, []) == "none found"
+
+
+def test_transition_description_flags_grid_points_inside_that_do_not_qualify():
+    text = describe_interval([0.9, 0.93, 0.95, 0.97], [0.9, 0.95])
+    assert "0.9 to 0.95" in text and "do not qualify: 0.93" in text, \
+        f"a curve that dips out of the regime inside the interval must be flagged: {text}"
+    assert "grid's start 0.9" in text, f"lower edge at the grid's first point not named: {text}"
 
 needs_assets = pytest.mark.skipif(
     not (os.environ.get("SPARSE_REPAIR_ASSETS") and

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .spec import Study
-from .stats import cells, paired_diffs, transition_interval
+from .stats import cells, describe_interval, paired_diffs, transition_points
 
 FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
 RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
@@ -47,11 +47,11 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     curves: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
     for c in cell_rows:
         curves[(c["model"], c["dataset"], c["allocation"])][c["sparsity"]][c["repair"]] = c["mean"]
-    regimes = {}
+    regimes, hits = {}, {}
     for key, curve in sorted(curves.items()):
         k = _num_classes(key[1])
-        regimes[key] = transition_interval(curve, k, FAIL_FACTOR * 100.0 / k,
-                                           RECOVERY_MARGIN_PT)
+        hits[key] = transition_points(curve, k, FAIL_FACTOR * 100.0 / k, RECOVERY_MARGIN_PT)
+        regimes[key] = (hits[key][0], hits[key][-1]) if hits[key] else None
 
     runs_done, runs_total = len({r["run_id"] for r in rows}), len(study.runs)
     md = [f"# Study `{study.name}`", "",
@@ -73,10 +73,8 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     md += prefs or ["- none significant at this number of seeds"]
     md += ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; best activation "
            f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
-    for key, iv in regimes.items():
-        where = "none found" if iv is None else \
-            f"sparsity {iv[0]} to {iv[1]} (width {iv[1] - iv[0]:.3f})"
-        md.append(f"- {'/'.join(key)}: {where}")
+    for key in regimes:
+        md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
     plots = _plots(study, cell_rows, dense, regimes, out)
     if plots:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

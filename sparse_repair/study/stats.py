@@ -71,12 +71,11 @@ def paired_diffs(rows: list[dict], field: str, a: str, b: str, by: tuple[str, ..
     return out
 
 
-def transition_interval(curve: dict[float, dict[str, float]], num_classes: int,
-                        fail: float | None = None, recovery_margin: float = 5.0
-                        ) -> tuple[float, float] | None:
-    """Sparsity interval where bn_recal < fail (default twice chance) while the best
-    activation-statistic repair is >= fail and >= bn_recal + margin. ``curve`` maps sparsity ->
-    {repair: mean top-1}. Returns (lowest, highest) qualifying sparsity, or None."""
+def transition_points(curve: dict[float, dict[str, float]], num_classes: int,
+                      fail: float | None = None, recovery_margin: float = 5.0) -> list[float]:
+    """The sparsities of ``curve`` (sparsity -> {repair: mean top-1}) where bn_recal < fail
+    (default twice chance) while the best activation-statistic repair is >= fail and
+    >= bn_recal + margin, in increasing order."""
     fail = 2 * 100.0 / num_classes if fail is None else fail
     hits = []
     for s in sorted(curve):
@@ -86,4 +85,36 @@ def transition_interval(curve: dict[float, dict[str, float]], num_classes: int,
             best = max(acts)
             if c["bn_recal"] < fail and best >= fail and best >= c["bn_recal"] + recovery_margin:
                 hits.append(s)
+    return hits
+
+
+def transition_interval(curve: dict[float, dict[str, float]], num_classes: int,
+                        fail: float | None = None, recovery_margin: float = 5.0
+                        ) -> tuple[float, float] | None:
+    """(lowest, highest) sparsity of `transition_points`, or None where none qualifies."""
+    hits = transition_points(curve, num_classes, fail, recovery_margin)
     return (hits[0], hits[-1]) if hits else None
+
+
+def describe_interval(grid: list[float], hits: list[float]) -> str:
+    """A transition interval in words, as far as the sampled ``grid`` supports it.
+
+    The regime's true edges lie between the outermost qualifying grid points and their
+    non-qualifying neighbours, so a one-point interval has width 0 on the grid but not in
+    fact; a reader needs the neighbours (or "grid end") to judge it, and needs to know when
+    grid points inside the interval do not qualify (the curve dips out and back in)."""
+    if not hits:
+        return "none found"
+    grid = sorted(grid)
+    lo, hi = hits[0], hits[-1]
+    inside = [s for s in grid if lo <= s <= hi]
+    i_lo, i_hi = grid.index(lo), grid.index(hi)
+    below = f"between {grid[i_lo - 1]} and {lo}" if i_lo > 0 \
+        else f"at or below the grid's start {lo}"
+    above = f"between {hi} and {grid[i_hi + 1]}" if i_hi + 1 < len(grid) \
+        else f"at or beyond the grid's end {hi}"
+    gaps = "" if len(hits) == len(inside) else \
+        f"; {len(inside) - len(hits)} grid point(s) inside do not qualify: " \
+        f"{', '.join(str(s) for s in inside if s not in hits)}"
+    return (f"sparsity {lo} to {hi} (width {hi - lo:.3f} on the grid, {len(hits)} of "
+            f"{len(grid)} sparsities; lower edge {below}, upper edge {above}{gaps})")
