@@ -69,7 +69,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for model, walls in sorted(store.wall_times(set(ids)).items()):
         walls = sorted(walls)
         print(f"{model}: worker wall time per run median {walls[len(walls) // 2]:.1f}s "
-              f"(min {walls[0]:.1f}s, max {walls[-1]:.1f}s, {len(walls)} runs)")
+              f"(min {walls[0]:.1f}s, max {walls[-1]:.1f}s, {len(walls)} runs; "
+              f"total {sum(walls) / 3600:.2f} worker-hours)")
     attempts = store.attempts()
     configs = dict(study.runs)
     for rid, err in failed.items():
