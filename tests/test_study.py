@@ -215,7 +215,7 @@ def test_report_and_status_cover_only_the_study_files_runs(tmp_path):
     assert _cli("run", str(wide), "--db", str(db)).returncode == 0
     narrow = _study(tmp_path, sparsities=(0.8,), name="narrow")
     status = _cli("status", str(narrow), "--db", str(db))
-    assert "2/2 runs done" in status.stdout and "2 runs)" in status.stdout, \
+    assert "2/2 runs done" in status.stdout and "2 runs;" in status.stdout, \
         f"runs of another study in the same store must not count: {status.stdout}"
     r = _cli("report", str(narrow), "--db", str(db), "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
