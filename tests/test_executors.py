@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sparse_repair.run import RunConfig
-from sparse_repair.study import runner
-from sparse_repair.study.executors import ExecutorConfig, run_task
+from sparse_repair.study import executors, runner
+from sparse_repair.study.executors import ExecutorConfig, ExecutorLost, run_task
 from sparse_repair.study.spec import run_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +201,50 @@ def test_submitit_retries_a_dead_worker(tmp_path, submitit_local):
     fn = functools.partial(crash_first_attempt, marker_dir=str(tmp_path))
     assert _run(study, db, "slurm", fn=fn, retries=1, **submitit_local) == 0
     assert all(v == ("done", 2) for v in _runs(db).values()), _runs(db)
+
+
+class _VanishingBackend:
+    """A backend whose cluster dies: every result raises, and it says the executor is lost."""
+
+    def __init__(self, ec, fn, device):
+        self.submitted = 0
+
+    def submit(self, items):
+        self.submitted += len(items)
+        return [object() for _ in items]
+
+    def wait(self, handles):
+        return handles[:1]
+
+    def result(self, handle):
+        raise ConnectionError("raylet died")
+
+    def lost(self, exc):
+        return isinstance(exc, ConnectionError)
+
+    def close(self):
+        pass
+
+
+def test_a_lost_executor_stops_the_sweep_without_recording_failures(tmp_path, monkeypatch):
+    monkeypatch.setitem(executors.BACKENDS, "local", _VanishingBackend)
+    cfg = RunConfig(model="resnet8", dataset="digits", allocation="erk", sparsity=0.8,
+                    repairs=["bn_recal"], weights=str(CKPT))
+    tasks = [(run_id(cfg), cfg)]
+    outcomes = []
+    with pytest.raises(ExecutorLost, match="rerun the same command"):
+        for out in executors.execute(tasks, ExecutorConfig(name="local", retries=2),
+                                     assets=tmp_path):
+            outcomes.append(out)
+    assert outcomes == [], (
+        "runs in flight when the executor dies must stay pending, not be recorded as failed")
+
+
+def test_ray_classifies_a_dead_raylet_as_lost_and_a_crashed_worker_as_a_run_failure():
+    ray = pytest.importorskip("ray")
+    backend = executors._Ray.__new__(executors._Ray)
+    backend.ray = ray
+    assert backend.lost(ray.exceptions.LocalRayletDiedError()), \
+        "a dead raylet fails every task at once: that is the cluster gone, not the runs"
+    assert not backend.lost(ray.exceptions.WorkerCrashedError()), \
+        "a crashed worker is one run failing and must go through the driver's retries"

@@ -104,6 +104,10 @@ def run_task(cfg: dict, assets: str) -> dict:
 TaskFn = Callable[[dict, str], dict]
 
 
+class ExecutorLost(RuntimeError):
+    """The executor itself went away (not one run): its in-flight runs stay pending."""
+
+
 def _call(fn: TaskFn, cfg: dict, assets: str) -> dict:
     # Ray remotes need a plain function; the task function (possibly a partial) is an argument.
     return fn(cfg, assets)
@@ -121,7 +125,7 @@ class _Call:
 
 
 class _Local:
-    def __init__(self, ec: ExecutorConfig, fn: TaskFn) -> None:
+    def __init__(self, ec: ExecutorConfig, fn: TaskFn, device: str) -> None:
         self.fn = fn
 
     def submit(self, items: list[tuple[dict, str]]) -> list:
@@ -132,6 +136,9 @@ class _Local:
 
     def result(self, handle: _Call) -> dict:
         return self.fn(*handle.args)
+
+    def lost(self, exc: BaseException) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -172,6 +179,13 @@ class _Ray:
     def result(self, handle):
         return self.ray.get(handle)
 
+    def lost(self, exc: BaseException) -> bool:
+        # A dead raylet fails every task at once (seen here: Ctrl-C or `ray stop` during a sweep
+        # recorded all 142 pending runs as failed after 3 attempts each); that is the cluster
+        # gone, not the runs failing. A crashed worker (WorkerCrashedError) stays a run failure.
+        err = self.ray.exceptions
+        return isinstance(exc, (err.LocalRayletDiedError, err.RaySystemError))
+
     def close(self):
         if self.started:
             self.ray.shutdown()
@@ -209,8 +223,14 @@ class _Slurm:
     def result(self, handle):
         return handle.result()
 
+    def lost(self, exc: BaseException) -> bool:
+        return False
+
     def close(self):
         pass
+
+
+BACKENDS = {"local": _Local, "ray": _Ray, "slurm": _Slurm}
 
 
 def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
@@ -223,12 +243,7 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
         return
     root = str(Path(asset_root(assets)).resolve())
     device = tasks[0][1].device
-    if ec.name == "local":
-        backend = _Local(ec, fn)
-    elif ec.name == "ray":
-        backend = _Ray(ec, fn, device)
-    else:
-        backend = _Slurm(ec, fn, device)
+    backend = BACKENDS[ec.name](ec, fn, device)
     attempts = {rid: 1 for rid, _ in tasks}
     inflight = dict(zip(backend.submit([(asdict(c), root) for _, c in tasks]), tasks))
     try:
@@ -237,7 +252,12 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
                 rid, cfg = inflight.pop(handle)
                 try:
                     res = backend.result(handle)
-                except Exception:
+                except Exception as exc:
+                    if backend.lost(exc):
+                        raise ExecutorLost(
+                            f"executor {ec.name!r} went away while runs were in flight "
+                            f"({type(exc).__name__}); finished runs are saved and the rest "
+                            f"stay pending: rerun the same command to resume") from exc
                     if attempts[rid] <= ec.retries:
                         attempts[rid] += 1
                         (h,) = backend.submit([(asdict(cfg), root)])

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..progress import Progress
-from .executors import ExecutorConfig, execute, run_task
+from .executors import ExecutorConfig, ExecutorLost, execute, run_task
 from .spec import Study, load_study
 from .store import Store
 
@@ -38,8 +38,18 @@ def cmd_run(args: argparse.Namespace, fn=None) -> int:
           f"{len(pending)} to run on executor {ec.name} -> {store.path}", flush=True)
     print(f"executor config: {json.dumps(asdict(ec))}", flush=True)
     bar = Progress(len(pending), f"study {study.name}", unit="run")
+    try:
+        failures = _drive(execute(pending, ec, fn=fn or run_task), store, bar)
+    except ExecutorLost as e:
+        print(f"\nstopped: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 1 if failures else 0
+
+
+def _drive(outcomes, store: Store, bar: Progress) -> int:
+    """Write each outcome as it arrives (one transaction per run); returns the failure count."""
     failures = 0
-    for out in execute(pending, ec, fn=fn or run_task):
+    for out in outcomes:
         cfg = out.cfg
         tag = f"[{out.rid}] {cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} " \
               f"seed {cfg.seed}"
@@ -55,7 +65,7 @@ def cmd_run(args: argparse.Namespace, fn=None) -> int:
             print(f"\n{tag}: FAILED after {out.attempts} attempts; see `sparse-repair study "
                   f"status`", file=sys.stderr, flush=True)
         bar.update(1)
-    return 1 if failures else 0
+    return failures
 
 
 def cmd_status(args: argparse.Namespace) -> int:
