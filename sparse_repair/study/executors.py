@@ -180,8 +180,8 @@ class _Ray:
         return self.ray.get(handle)
 
     def lost(self, exc: BaseException) -> bool:
-        # A dead raylet fails every task at once (seen here: Ctrl-C or `ray stop` during a sweep
-        # recorded all 142 pending runs as failed after 3 attempts each); that is the cluster
+        # A dead raylet fails every task at once (seen here: Ctrl-C then `ray stop` during a
+        # sweep once recorded every pending run as failed after 3 attempts); that is the cluster
         # gone, not the runs failing. A crashed worker (WorkerCrashedError) stays a run failure.
         err = self.ray.exceptions
         return isinstance(exc, (err.LocalRayletDiedError, err.RaySystemError))
