@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .spec import Study
-from .stats import cells, describe_interval, paired_diffs, transition_points
+from .stats import cells, describe_interval, paired_diffs, span, transition_points
 
 FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
 RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
@@ -51,7 +51,7 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     for key, curve in sorted(curves.items()):
         k = _num_classes(key[1])
         hits[key] = transition_points(curve, k, FAIL_FACTOR * 100.0 / k, RECOVERY_MARGIN_PT)
-        regimes[key] = (hits[key][0], hits[key][-1]) if hits[key] else None
+        regimes[key] = span(hits[key])
 
     runs_done, runs_total = len({r["run_id"] for r in rows}), len(study.runs)
     md = [f"# Study `{study.name}`", "",

@@ -92,7 +92,11 @@ def transition_interval(curve: dict[float, dict[str, float]], num_classes: int,
                         fail: float | None = None, recovery_margin: float = 5.0
                         ) -> tuple[float, float] | None:
     """(lowest, highest) sparsity of `transition_points`, or None where none qualifies."""
-    hits = transition_points(curve, num_classes, fail, recovery_margin)
+    return span(transition_points(curve, num_classes, fail, recovery_margin))
+
+
+def span(hits: list[float]) -> tuple[float, float] | None:
+    """(first, last) of sorted qualifying sparsities, or None for none."""
     return (hits[0], hits[-1]) if hits else None
 
 
