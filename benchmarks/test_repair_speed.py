@@ -34,23 +34,34 @@ def _pair(name: str, device: str, seed: int = 0):
 
 
 def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "asr") -> dict:
-    """Best-of-``rounds`` seconds for the reference forwards and the gated method; the other
-    methods are recorded from one round (informational on CPU, where one ResNet-56 round of
-    bn_recal + clipped_asr costs about a minute of the suite)."""
+    """Best-of-``rounds`` seconds for the reference forwards and the gated method, measured
+    interleaved: each round times the two forwards and then the gated repair back to back, so
+    both minima come from the same stretches of machine time. Measured in sequence (all
+    reference rounds first, best of 2), a slow spell on the shared 2-core CI runner fell on the
+    repair alone and CI read ResNet-56 at 1.51x and then 1.56x (docs/RESULTS.md section 4).
+    The other methods are timed once on CPU (one ResNet-56 round of bn_recal + clipped_asr costs
+    about half a minute of the suite), ``rounds`` times on CUDA."""
     dense, pruned, calib = _pair(name, device)
     forward_seconds(dense, calib[:CHUNK], CHUNK)  # warm-up (allocator, cuDNN autotune)
-    repair(copy.deepcopy(pruned), "asr", calib[:CHUNK], dense=dense)
-    ref = min(forward_seconds(dense, calib, CHUNK) + forward_seconds(pruned, calib, CHUNK)
-              for _ in range(rounds))
-    out = {"reference_s": ref}
+    repair(copy.deepcopy(pruned), gated, calib[:CHUNK], dense=dense)
+
+    def timed(method: str) -> tuple[float, object]:
+        report = repair(copy.deepcopy(pruned), method, calib, dense=dense, chunk_size=CHUNK)
+        return report.seconds, report
+
+    ref, best, reports = float("inf"), {m: float("inf") for m in methods}, {}
+    for r in range(rounds):
+        ref = min(ref, forward_seconds(dense, calib, CHUNK) + forward_seconds(pruned, calib, CHUNK))
+        for method in methods:
+            if method == gated or device != "cpu" or r == 0:
+                seconds, reports[method] = timed(method)
+                best[method] = min(best[method], seconds)
+    out = {"reference_s": ref, "rounds": rounds}
     for method in methods:
-        best, report = float("inf"), None
-        for _ in range(rounds if method == gated or device != "cpu" else 1):
-            model = copy.deepcopy(pruned)
-            report = repair(model, method, calib, dense=dense, chunk_size=CHUNK)
-            best = min(best, report.seconds)
-        out[method] = {"seconds": best, "ratio": best / ref, "passes_dense": report.passes_dense,
-                       "passes_pruned": report.passes_pruned, "path": report.path}
+        report = reports[method]
+        out[method] = {"seconds": best[method], "ratio": best[method] / ref,
+                       "passes_dense": report.passes_dense, "passes_pruned": report.passes_pruned,
+                       "path": report.path}
     return out
 
 
@@ -67,7 +78,7 @@ def pytest_generate_tests(metafunc):
 def test_cpu_repair_within_ratio(benchmark, cpu_model):
     results = {}
     benchmark.pedantic(lambda: results.update(_time_methods(
-        cpu_model, "cpu", ["bn_recal", "asr", "clipped_asr"], rounds=2)), rounds=1, iterations=1)
+        cpu_model, "cpu", ["bn_recal", "asr", "clipped_asr"], rounds=3)), rounds=1, iterations=1)
     benchmark.extra_info.update(results)
     asr = results["asr"]
     assert asr["path"] == "onepass" and asr["passes_pruned"] == 1 and asr["passes_dense"] == 1
