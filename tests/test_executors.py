@@ -139,7 +139,8 @@ def test_run_that_keeps_failing_is_recorded_and_sweep_continues(tmp_path, capsys
     runner.cmd_status(Namespace(study=str(study), db=str(db)))
     out = capsys.readouterr().out
     assert "1 failed" in out and "3 attempts" in out and "no-such-checkpoint.pt" in out, out
-    assert "resnet8: worker wall time per run median" in out, "status should report run times"
+    assert "resnet8/digits: worker wall time per run median" in out, \
+        "status should report run times per model and data set"
     assert "worker-hours)" in out, "status should report the total worker time (the study's cost)"
 
 

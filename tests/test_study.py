@@ -21,6 +21,7 @@ from sparse_repair.study.stats import (
     paired_diffs,
     transition_interval,
 )
+from sparse_repair.study.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt"
@@ -223,6 +224,23 @@ def test_report_and_status_cover_only_the_study_files_runs(tmp_path):
         sparsities = {row["sparsity"] for row in csv.DictReader(f)}
     assert sparsities == {"0.8"}, \
         f"the report must hold only the study file's runs, got sparsities {sparsities}"
+
+
+def test_status_wall_times_are_per_model_and_data_set(tmp_path):
+    store = Store(tmp_path / "w.sqlite")
+    for rid, dataset, wall in (("a", "cifar10-jpeg", 50.0), ("b", "cifar10-jpeg", 60.0),
+                               ("c", "imagenette", 200.0)):
+        config = {"model": "resnet20", "dataset": dataset, "allocation": "erk",
+                  "sparsity": 0.9, "seed": 0}
+        row = {"config": config, "repair": "none", "top1": 10.0, "n_eval": 10, "seconds": 0.0,
+               "passes_dense": 0, "passes_pruned": 0, "path": "none",
+               "sparsity_achieved": 0.9}
+        store.write_run(rid, [row], dense_top1=90.0, wall_s=wall)
+    walls = store.wall_times()
+    assert walls == {"resnet20/cifar10-jpeg": [50.0, 60.0], "resnet20/imagenette": [200.0]}, (
+        f"one model on two data sets must give two wall-time groups, got {walls}")
+    assert store.wall_times({"c"}) == {"resnet20/imagenette": [200.0]}, \
+        "only the asked runs may count"
 
 
 def test_report_of_an_unfinished_study_says_it_is_incomplete(tmp_path):

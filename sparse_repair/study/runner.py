@@ -76,9 +76,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {sum(r in done for r in ids)}/{len(ids)} runs done, "
           f"{sum(r in failed for r in ids)} failed, "
           f"{sum(r not in done and r not in failed for r in ids)} pending ({store.path})")
-    for model, walls in sorted(store.wall_times(set(ids)).items()):
+    for model_data, walls in sorted(store.wall_times(set(ids)).items()):
         walls = sorted(walls)
-        print(f"{model}: worker wall time per run median {walls[len(walls) // 2]:.1f}s "
+        print(f"{model_data}: worker wall time per run median {walls[len(walls) // 2]:.1f}s "
               f"(min {walls[0]:.1f}s, max {walls[-1]:.1f}s, {len(walls)} runs; "
               f"total {sum(walls) / 3600:.2f} worker-hours)")
     attempts = store.attempts()

@@ -67,14 +67,17 @@ class Store:
                         (rid, status, rid, attempts, error, json.dumps(config), now, wall_s))
 
     def wall_times(self, run_ids: set[str] | None = None) -> dict[str, list[float]]:
-        """Worker wall seconds of each finished run (recorded since the executors), by model;
-        only the runs in ``run_ids`` when given."""
+        """Worker wall seconds of each finished run (recorded since the executors), keyed
+        ``model/dataset``: one architecture costs very different time per data set (the CPU
+        study's ResNet-20 ran a median 54.9 s per CIFAR run and 209.4 s per 64-px Imagenette
+        run, docs/RESULTS.md section 8); only the runs in ``run_ids`` when given."""
         out: dict[str, list[float]] = {}
         for rid, config, wall in self.db.execute(
                 "SELECT run_id, config, wall_s FROM runs WHERE status='done' AND wall_s IS NOT "
                 "NULL"):
             if run_ids is None or rid in run_ids:
-                out.setdefault(json.loads(config)["model"], []).append(wall)
+                c = json.loads(config)
+                out.setdefault(f"{c['model']}/{c['dataset']}", []).append(wall)
         return out
 
     def attempts(self) -> dict[str, int]:
