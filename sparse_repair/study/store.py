@@ -69,7 +69,7 @@ class Store:
     def wall_times(self, run_ids: set[str] | None = None) -> dict[str, list[float]]:
         """Worker wall seconds of each finished run (recorded since the executors), keyed
         ``model/dataset``: one architecture costs very different time per data set (the CPU
-        study's ResNet-20 ran a median 54.9 s per CIFAR run and 209.4 s per 64-px Imagenette
+        study's ResNet-20 ran a median 54.9 s per CIFAR run and 210.5 s per 64-px Imagenette
         run, docs/RESULTS.md section 8); only the runs in ``run_ids`` when given."""
         out: dict[str, list[float]] = {}
         for rid, config, wall in self.db.execute(
