@@ -40,7 +40,7 @@ def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "as
     reference rounds first, best of 2), a slow spell on the shared 2-core CI runner fell on the
     repair alone and CI read ResNet-56 at 1.51x and then 1.56x (docs/RESULTS.md section 4).
     The other methods are timed once on CPU (one ResNet-56 round of bn_recal + clipped_asr costs
-    about half a minute of the suite), ``rounds`` times on CUDA."""
+    about 15 s of the suite, docs/RESULTS.md section 4), ``rounds`` times on CUDA."""
     dense, pruned, calib = _pair(name, device)
     forward_seconds(dense, calib[:CHUNK], CHUNK)  # warm-up (allocator, cuDNN autotune)
     repair(copy.deepcopy(pruned), gated, calib[:CHUNK], dense=dense)
