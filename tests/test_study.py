@@ -16,9 +16,11 @@ import pytest
 
 from sparse_repair.study.spec import load_study
 from sparse_repair.study.stats import (
-    bootstrap_ci,
+    MIN_SEEDS_FOR_SIGNIFICANCE,
+    PairedDiff,
     describe_interval,
     paired_diffs,
+    paired_t_interval,
     transition_interval,
 )
 from sparse_repair.study.store import Store
@@ -145,14 +147,103 @@ def test_kill_mid_sweep_loses_nothing_finished(tmp_path):
         assert c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 20
 
 
-def test_bootstrap_ci_contains_true_difference():
+def test_paired_t_interval_contains_true_difference():
     rng = np.random.default_rng(0)
     diffs = 3.0 + rng.normal(0, 1, size=30)
-    lo, hi = bootstrap_ci(diffs)
-    assert lo < 3.0 < hi and lo > 0, f"CI [{lo:.2f}, {hi:.2f}] should cover 3 and exclude 0"
+    lo, hi, p = paired_t_interval(diffs)
+    assert lo < 3.0 < hi and lo > 0, f"interval [{lo:.2f}, {hi:.2f}] should cover 3, exclude 0"
+    assert p < 1e-6, f"a 3-sd shift over 30 seeds must have a tiny p-value, got {p}"
+
+
+def _diff_rows(diffs, base=50.0):
+    """Rows whose lamp - erk top-1 difference in seed i is diffs[i] (paired on seed)."""
+    rows = []
+    for seed, d in enumerate(diffs):
+        common = {"model": "m", "dataset": "d", "sparsity": 0.9, "repair": "asr", "seed": seed}
+        rows += [dict(common, allocation="erk", top1=base + seed),
+                 dict(common, allocation="lamp", top1=base + seed + d)]
+    return rows
+
+
+def _lamp_minus_erk(diffs) -> PairedDiff:
+    (d,) = paired_diffs(_diff_rows(diffs), "allocation", "lamp", "erk",
+                        ("model", "dataset", "sparsity", "repair"))
+    return d
+
+
+def test_three_seed_interval_is_the_t_interval_not_the_bootstrap_range():
+    # Old behaviour: a percentile bootstrap over 3 seeds lies inside [min, max] = [1, 3] and was
+    # flagged significant. The t-interval is mean ± t_{0.975,2} * sd / sqrt(n) = 2 ± t / sqrt(3).
+    # For 2 degrees of freedom t_q = (2q - 1) / sqrt(2q(1 - q)) in closed form (Student's t
+    # with nu = 2), and the two-sided p of t-statistic T is 1 - T / sqrt(2 + T^2).
+    t_q = 0.95 / np.sqrt(2 * 0.975 * 0.025)
+    assert abs(t_q - 4.302652729911275) < 1e-6
+    lo, hi, p = paired_t_interval([1.0, 2.0, 3.0])
+    assert abs(lo - (2 - t_q / np.sqrt(3))) < 1e-9 and abs(hi - (2 + t_q / np.sqrt(3))) < 1e-9
+    assert abs(lo - -0.484) < 1e-3 and abs(hi - 4.484) < 1e-3, (lo, hi)
+    t_stat = 2 / (1 / np.sqrt(3))
+    assert abs(p - (1 - t_stat / np.sqrt(2 + t_stat ** 2))) < 1e-9, p
+    d = _lamp_minus_erk([1.0, 2.0, 3.0])
+    assert (d.lo, d.hi, d.p) == (lo, hi, p) and d.n == 3 and abs(d.mean - 2.0) < 1e-9
+    assert not d.significant, f"[1, 2, 3] flagged: interval [{d.lo}, {d.hi}]"
+
+
+def test_five_seeds_clear_shift_is_significant_and_noise_is_not():
+    assert MIN_SEEDS_FOR_SIGNIFICANCE == 5
+    d = _lamp_minus_erk([4.8, 5.1, 5.0, 4.9, 5.2])
+    assert d.n == 5 and d.lo > 0 and d.significant, (d.lo, d.hi, d.p)
+    noise = _lamp_minus_erk(list(np.random.default_rng(1).normal(0, 1, size=5)))
+    assert noise.lo < 0 < noise.hi and not noise.significant, (noise.lo, noise.hi, noise.p)
+
+
+def test_fewer_than_five_seeds_are_never_flagged():
+    for diffs in ([50.0, 51.0, 49.0], [50.0, 50.5, 49.5, 50.2]):
+        d = _lamp_minus_erk(diffs)
+        assert d.lo > 0, "the interval itself excludes 0 for a huge consistent shift"
+        assert not d.significant, f"{len(diffs)} seeds flagged significant"
+
+
+def test_one_seed_and_constant_differences_give_no_nan():
+    assert paired_t_interval([2.5]) == (None, None, None)
+    d = _lamp_minus_erk([2.5])
+    assert (d.lo, d.hi, d.p, d.n, d.significant) == (None, None, None, 1, False)
+    # Both repairs at chance in every seed: scipy's t is 0/0; no evidence of a difference.
+    assert paired_t_interval([0.0] * 5) == (0.0, 0.0, 1.0)
+    assert not _lamp_minus_erk([0.0] * 5).significant
+
+
+def test_report_header_states_the_interval_and_refuses_significance_below_five_seeds(
+        tmp_path, monkeypatch):
+    from sparse_repair.study import report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])  # figures load models: not needed
+    study = load_study(_study(tmp_path, sparsities=(0.9,), seeds=range(5), repairs=("asr",)))
+    rows = [dict(r, dense_top1=90.0, run_id=f"{r['allocation']}{r['seed']}", dataset="digits")
+            for r in _diff_rows([50.0, 51.0, 49.0, 50.5, 49.5], base=10.0)]
+    note = ("Intervals: 95% paired t-interval over calibration seeds of the mean difference "
+            "(scipy.stats.t, n-1 degrees of freedom)")
+    three = [r for r in rows if r["seed"] < 3]
+    report.write_report(study, three, tmp_path / "r3")
+    text = (tmp_path / "r3" / "report.md").read_text()
+    head = text.split("## Accuracy")[0]
+    assert note in head and "only flagged with >= 5 seeds" in head, head
+    assert "Significance is not flagged: 3 seeds < 5 needed" in head, head
+    assert "sign test at p = 0.25" in head, head
+    assert " * |" not in text and "nothing flagged: every LAMP - ERK group has 3 seeds" in text
+    assert "nan" not in text.lower()
+    with open(tmp_path / "r3" / "differences.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert set(row) >= {"ci95_lo", "ci95_hi", "p_value", "significant"}
+    assert row["significant"] == "False" and float(row["ci95_lo"]) > 0
+
+    report.write_report(study, rows, tmp_path / "r5")
+    text = (tmp_path / "r5" / "report.md").read_text()
+    assert note in text and "Significance is not flagged" not in text
+    assert " * |" in text and "**lamp** (+50.00 pt" in text, text
 
 
 def test_paired_difference_flags_significance():
+    # 5 seeds (MIN_SEEDS_FOR_SIGNIFICANCE): a clear shift is flagged, noise is not.
     rows = []
     for seed in range(5):
         rows += [{"model": "m", "dataset": "d", "sparsity": 0.9, "repair": "asr", "seed": seed,
@@ -205,6 +296,9 @@ def test_report_end_to_end_on_digits(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Transition regime" in text and "lamp - erk" in text
+    assert "Significance is not flagged: 1 seeds < 5 needed" in text \
+        and "| n/a | n/a | 1 |" in text and "nan" not in text.lower(), \
+        "one seed: no interval and no test, printed as n/a"
     assert "| allocation | sparsity | bn_recal | asr | n |" in text, \
         "the accuracy table needs one column per repair, in the study file's order"
     assert (tmp_path / "rep" / "cells.csv").exists()

@@ -8,10 +8,46 @@ from collections import defaultdict
 from pathlib import Path
 
 from .spec import Study
-from .stats import cells, describe_interval, paired_diffs, span, transition_points
+from .stats import (
+    MIN_SEEDS_FOR_SIGNIFICANCE,
+    cells,
+    describe_interval,
+    paired_diffs,
+    span,
+    transition_points,
+)
 
 FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
 RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
+LEVEL = 0.95               # coverage of the paired t-intervals (CSV keys ci95_lo / ci95_hi)
+
+# What an interval and a "*" mean, printed in every report so a reader need not look it up.
+INTERVALS_NOTE = (
+    f"Intervals: {LEVEL:.0%} paired t-interval over calibration seeds of the mean difference "
+    f"(scipy.stats.t, n-1 degrees of freedom); p = two-sided paired t-test of mean 0; "
+    f"* = interval excludes 0, only flagged with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds; "
+    f"n/a = one seed, no interval.")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    """A number for the markdown tables; None (no interval or test at one seed) as "n/a"."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def _significance_note(diffs) -> list[str]:
+    """Header lines saying which differences cannot be flagged for too few seeds, and why."""
+    few = [d for d in diffs if d.n < MIN_SEEDS_FOR_SIGNIFICANCE]
+    if not few:
+        return []
+    ns = "/".join(map(str, sorted({d.n for d in few})))
+    why = ("at 3 seeds a percentile bootstrap interval is [min, max] of the differences, i.e. a "
+           "sign test at p = 0.25, and a t-interval rests on a standard deviation with 2 "
+           "degrees of freedom; intervals and p-values are shown, unflagged")
+    if len(few) == len(diffs):
+        return [f"**Significance is not flagged: {ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} "
+                f"needed** ({why})", ""]
+    return [f"**Significance is not flagged for {len(few)} of {len(diffs)} differences: "
+            f"{ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed** ({why})", ""]
 
 
 def _csv(rows: list[dict]) -> str:
@@ -35,11 +71,12 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     cell_rows = cells(rows)
     (out / "cells.csv").write_text(_csv(cell_rows))
     alloc_diffs = paired_diffs(rows, "allocation", "lamp", "erk",
-                               ("model", "dataset", "sparsity", "repair"))
+                               ("model", "dataset", "sparsity", "repair"), LEVEL)
     repair_diffs = paired_diffs(rows, "repair", "asr", "bn_recal",
-                                ("model", "dataset", "allocation", "sparsity"))
+                                ("model", "dataset", "allocation", "sparsity"), LEVEL)
+    # ci95_lo / ci95_hi / p_value are empty in the CSV (None) where one seed gives no interval.
     diff_rows = [{"group": "/".join(map(str, d.key)), "difference": d.label, "mean": d.mean,
-                  "ci95_lo": d.lo, "ci95_hi": d.hi, "n_seeds": d.n,
+                  "ci95_lo": d.lo, "ci95_hi": d.hi, "p_value": d.p, "n_seeds": d.n,
                   "significant": d.significant} for d in alloc_diffs + repair_diffs]
     (out / "differences.csv").write_text(_csv(diff_rows))
 
@@ -55,22 +92,27 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
 
     runs_done, runs_total = len({r["run_id"] for r in rows}), len(study.runs)
     md = [f"# Study `{study.name}`", "",
-          f"{len(rows)} result rows from `{study.path}`; every cell also in `cells.csv`.", ""]
+          f"{len(rows)} result rows from `{study.path}`; every cell also in `cells.csv`.", "",
+          INTERVALS_NOTE, ""]
+    md += _significance_note(alloc_diffs + repair_diffs)
     if runs_done < runs_total:
         # A report of a sweep in progress is useful, but must not pass for the finished one.
         md += [f"**Incomplete: {runs_done} of {runs_total} runs done.** Missing cells, cells "
                f"with n below the study's seed count and the transition regimes are provisional; "
                f"resume with `sparse-repair study run {study.path}`.", ""]
     md += _accuracy_tables(cell_rows, dense, _repair_order(study, cell_rows))
-    md += ["", "## Paired differences (95% bootstrap CI over seeds; * = CI excludes 0)", "",
-           "| group | difference | mean | 95% CI | n |", "|---|---|---|---|---|"]
+    md += ["", f"## Paired differences (mean over calibration seeds; {LEVEL:.0%} paired "
+           f"t-interval; p = paired t-test; * = interval excludes 0 with >= "
+           f"{MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", "",
+           f"| group | difference | mean | {LEVEL:.0%} t-interval | p | n |",
+           "|---|---|---|---|---|---|"]
     md += [f"| {d['group']} | {d['difference']} | {d['mean']:+.2f} | "
-           f"[{d['ci95_lo']:+.2f}, {d['ci95_hi']:+.2f}]{' *' if d['significant'] else ''} | "
-           f"{d['n_seeds']} |" for d in diff_rows]
-    md += ["", "## Preferred allocation (only where LAMP - ERK is significant)", ""]
-    prefs = [f"- {'/'.join(map(str, d.key))}: **{'lamp' if d.mean > 0 else 'erk'}** "
-             f"({d.mean:+.2f} pt)" for d in alloc_diffs if d.significant]
-    md += prefs or ["- none significant at this number of seeds"]
+           + ("n/a" if d["ci95_lo"] is None else
+              f"[{d['ci95_lo']:+.2f}, {d['ci95_hi']:+.2f}]{' *' if d['significant'] else ''}")
+           + f" | {_fmt(d['p_value'], '.3g')} | {d['n_seeds']} |" for d in diff_rows]
+    md += ["", f"## Preferred allocation (only where LAMP - ERK is significant: {LEVEL:.0%} "
+           f"t-interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
+    md += _preferred(alloc_diffs)
     md += ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; best activation "
            f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
     for key in regimes:
@@ -82,6 +124,28 @@ def write_report(study: Study, rows: list[dict], out: Path) -> dict:
     return {"report": str(out / "report.md"), "plots": plots,
             "runs_done": runs_done, "runs_total": runs_total,
             "transition": {"/".join(k): v for k, v in regimes.items()}}
+
+
+def _preferred(alloc_diffs) -> list[str]:
+    """The preferred allocation per group where LAMP - ERK is significant, and why the others
+    are not listed: too few seeds to flag (see `MIN_SEEDS_FOR_SIGNIFICANCE`) or an interval
+    that includes 0."""
+    prefs = [f"- {'/'.join(map(str, d.key))}: **{'lamp' if d.mean > 0 else 'erk'}** "
+             f"({d.mean:+.2f} pt, p = {_fmt(d.p, '.3g')}, n = {d.n})"
+             for d in alloc_diffs if d.significant]
+    few = [d for d in alloc_diffs if d.n < MIN_SEEDS_FOR_SIGNIFICANCE]
+    enough = len(alloc_diffs) - len(few)
+    if few:
+        ns = "/".join(map(str, sorted({d.n for d in few})))
+        which = "every LAMP - ERK group has" if not enough else \
+            f"{len(few)} of {len(alloc_diffs)} LAMP - ERK groups have"
+        prefs.append(f"- {'nothing flagged' if not enough else 'not considered'}: {which} {ns} "
+                     f"seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed for a significance flag; "
+                     f"read the intervals above instead")
+    if enough and not any(d.significant for d in alloc_diffs):
+        prefs.append(f"- none significant: the {LEVEL:.0%} t-interval includes 0 in every "
+                     f"group with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds")
+    return prefs or ["- no LAMP - ERK pairs in these rows"]
 
 
 def _repair_order(study: Study, cell_rows) -> list[str]:

@@ -1,5 +1,5 @@
-"""Statistics over study rows: cell summaries, paired bootstrap confidence intervals, preferred
-allocations and the transition regime. Pure functions on lists of dicts."""
+"""Statistics over study rows: cell summaries, paired t-intervals and t-tests over seeds,
+preferred allocations and the transition regime. Pure functions on lists of dicts."""
 
 from __future__ import annotations
 
@@ -27,36 +27,64 @@ def cells(rows: list[dict]) -> list[dict]:
     return out
 
 
-def bootstrap_ci(diffs: np.ndarray, level: float = 0.95, resamples: int = 10_000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of paired differences (resampling seeds)."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    if len(diffs) == 1:
-        return float(diffs[0]), float(diffs[0])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
-    means = diffs[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+# A significance flag needs at least this many seeds. With 3 seeds a percentile bootstrap of the
+# mean is [min, max] of the differences, so "excludes 0" meant "same sign in every seed", a sign
+# test at p = 2 * 0.5**3 = 0.25; the t-interval is honest at n = 3 but its quantile
+# (t_{0.975,2} = 4.30) makes it so wide that a flag would be rare and fragile to one seed.
+# Source: review of study/stats.py, issue "Canonical CIFAR-10 as the ground truth", section
+# "Statistics that mean what they say".
+MIN_SEEDS_FOR_SIGNIFICANCE = 5
+
+
+def paired_t_interval(diffs, level: float = 0.95
+                      ) -> tuple[float | None, float | None, float | None]:
+    """(lo, hi, p) for the mean of paired differences over seeds: the ``level`` t-interval
+    mean ± t_{(1+level)/2, n-1} * sd / sqrt(n) and the two-sided p-value of the paired t-test
+    of mean 0, both from ``scipy.stats.ttest_1samp`` (Student 1908; any statistics text, e.g.
+    Wasserman, *All of Statistics*, 10.4).
+
+    One difference gives no interval and no test: (None, None, None), never NaN, so a report
+    prints "n/a". Differences that are all equal (sd 0; e.g. two repairs both at chance in
+    every seed) have the point interval [mean, mean] and p = 1 for mean 0, else 0, where
+    scipy would return NaN (0/0) or an infinite t."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) < 2:
+        return None, None, None
+    mean = float(d.mean())
+    if np.ptp(d) == 0:
+        return mean, mean, (1.0 if mean == 0 else 0.0)
+    res = stats.ttest_1samp(d, 0.0)
+    ci = res.confidence_interval(confidence_level=level)
+    return float(ci.low), float(ci.high), float(res.pvalue)
 
 
 @dataclass
 class PairedDiff:
+    """Mean of paired differences ``label`` over ``n`` seeds for one group ``key``, with its
+    95% paired t-interval [lo, hi] and paired t-test p-value (None for one seed)."""
     key: tuple
     label: str
     mean: float
-    lo: float
-    hi: float
+    lo: float | None
+    hi: float | None
+    p: float | None
     n: int
 
     @property
     def significant(self) -> bool:
-        return self.n > 1 and (self.lo > 0 or self.hi < 0)
+        """The t-interval excludes 0, and only with >= MIN_SEEDS_FOR_SIGNIFICANCE seeds (see
+        there for why fewer are never flagged)."""
+        if self.n < MIN_SEEDS_FOR_SIGNIFICANCE or self.lo is None or self.hi is None:
+            return False
+        return self.lo > 0 or self.hi < 0
 
 
-def paired_diffs(rows: list[dict], field: str, a: str, b: str, by: tuple[str, ...]
-                 ) -> list[PairedDiff]:
-    """a - b for ``field`` (allocation or repair), paired on seed, grouped by ``by``."""
+def paired_diffs(rows: list[dict], field: str, a: str, b: str, by: tuple[str, ...],
+                 level: float = 0.95) -> list[PairedDiff]:
+    """a - b for ``field`` (allocation or repair), paired on seed, grouped by ``by``, with the
+    ``level`` paired t-interval of `paired_t_interval`."""
     table: dict[tuple, dict] = defaultdict(dict)
     for r in rows:
         table[tuple(r[k] for k in by) + (r["seed"],)][r[field]] = r["top1"]
@@ -66,8 +94,8 @@ def paired_diffs(rows: list[dict], field: str, a: str, b: str, by: tuple[str, ..
             groups[key[:-1]].append(vals[a] - vals[b])
     out = []
     for key, d in sorted(groups.items()):
-        lo, hi = bootstrap_ci(np.asarray(d))
-        out.append(PairedDiff(key, f"{a} - {b}", float(np.mean(d)), lo, hi, len(d)))
+        lo, hi, p = paired_t_interval(d, level)
+        out.append(PairedDiff(key, f"{a} - {b}", float(np.mean(d)), lo, hi, p, len(d)))
     return out
 
 
