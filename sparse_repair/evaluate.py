@@ -12,12 +12,16 @@ from .progress import Progress
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset: str = "cifar10-jpeg", n: int | None = 2000, *,
+def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *,
              batch_size: int = 128, device: str | torch.device = "cpu",
              resolution: int | None = None, split: str | None = None,
              progress: bool = False) -> dict:
-    """Accuracy in percent: {'top1', 'top5' (more than 10 classes), 'n', 'seconds',
-    'images_per_s'}. The model is put in eval mode and on ``device``."""
+    """Accuracy in percent on ``n`` images of the evaluation split: {'top1', 'top5' (more than
+    10 classes), 'n', 'split', 'subset', 'seconds', 'images_per_s'}.
+
+    ``n=None`` (or n >= the split's size) evaluates the whole split and reports
+    subset="full"; otherwise the fixed class-stratified subset of ``stratified_indices``
+    (seed 0) and subset="stratified". The model is put in eval mode and on ``device``."""
     spec = get_spec(dataset)
     images, labels = load_split(dataset, split or spec.splits[1], resolution)
     idx = torch.from_numpy(stratified_indices(labels, n))
@@ -35,7 +39,9 @@ def evaluate(model: nn.Module, dataset: str = "cifar10-jpeg", n: int | None = 20
             correct5 += int((top5 == y[:, None]).any(1).sum())
         bar.update(len(chunk))
     seconds = time.perf_counter() - start
-    out = {"top1": 100.0 * correct1 / len(idx), "n": len(idx), "seconds": seconds,
+    out = {"top1": 100.0 * correct1 / len(idx), "n": len(idx),
+           "split": split or spec.splits[1],
+           "subset": "full" if len(idx) == len(labels) else "stratified", "seconds": seconds,
            "images_per_s": len(idx) / seconds if seconds > 0 else float("inf")}
     if spec.num_classes > 10:
         out["top5"] = 100.0 * correct5 / len(idx)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .allocation import allocate
-from .data import calibration_set, get_spec
+from .data import calibration_set, get_spec, train_split_size
 from .evaluate import evaluate
 from .pruning import prune_, sparsity_report
 from .repair import repair
@@ -20,7 +20,7 @@ from .repair import repair
 @dataclass
 class RunConfig:
     model: str = "resnet20"
-    dataset: str = "cifar10-jpeg"
+    dataset: str = "cifar10"
     allocation: str = "erk"
     sparsity: float = 0.9                 # pruned fraction of all prunable weights
     repairs: list[str] = field(default_factory=lambda: ["none", "bn_recal", "asr"])
@@ -81,6 +81,12 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     achieved = sparsity_report(pruned).total["sparsity"]
     res = input_resolution(cfg)
     calib = calibration_set(cfg.dataset, cfg.calib, cfg.seed, resolution=res)
+    # The pool the draw came from (30,000 on the shared CIFAR-10 copy, 50,000 on a full
+    # download): a draw from one is a different calibration set than from the other.
+    try:
+        train_images = train_split_size(cfg.dataset)
+    except FileNotFoundError:  # a cached draw on a machine without the train split
+        train_images = None
     rows = []
     for method in cfg.repairs:
         model = copy.deepcopy(pruned)
@@ -91,6 +97,7 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
                      "seconds": report.seconds, "passes_dense": report.passes_dense,
                      "passes_pruned": report.passes_pruned, "path": report.path,
                      "options": report.options, "sparsity_achieved": achieved,
+                     "train_images": train_images,
                      "config": asdict(cfg), **environment(cfg.device)})
         if progress:
             print(f"  {method:<12} top-1 {acc['top1']:.2f}%  ({report.seconds:.2f}s)", flush=True)

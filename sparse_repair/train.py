@@ -24,7 +24,7 @@ from .progress import Progress
 @dataclass
 class TrainConfig:
     model: str = "resnet20"
-    dataset: str = "cifar10-jpeg"
+    dataset: str = "cifar10"
     epochs: int = 30
     batch_size: int = 128           # images per SGD step
     lr: float = 0.1                 # one-cycle peak learning rate

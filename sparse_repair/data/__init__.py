@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -71,13 +72,33 @@ def _image_folder(folder: Path, classes: list[str] | None = None) -> Source:
     return Source(np.asarray(labels, dtype=np.int64), files=files)
 
 
+# Missing-batch warnings already given in this process (one per data set and folder).
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _present_batches(root: Path, folder: str, files: list[str], split: str) -> list[str]:
+    """The batch files of ``files`` that exist. A train split may be partial (the shared
+    offline copy holds data_batch_1..3 of CIFAR-10, for size): use what is there and warn
+    once per process naming what is missing; never pretend to hold the whole split."""
+    present = [n for n in files if (root / folder / n).exists()]
+    if not present:
+        raise AssetMissingError(f"CIFAR {split} files not found: looked for {files} in "
+                                f"{root / folder}; {UNPACK_HINT}")
+    missing = [n for n in files if n not in present]
+    if missing and (str(root), folder) not in _WARNED:
+        _WARNED.add((str(root), folder))
+        warnings.warn(f"{folder} under {root}: {', '.join(missing)} not found; the {split} "
+                      f"split uses the {len(present)} of {len(files)} batch files present "
+                      f"({', '.join(present)}). Calibration draws and result records carry "
+                      "the train-image count, so they are never confused with draws from the "
+                      "full split.", UserWarning, stacklevel=3)
+    return present
+
+
 def _cifar_pickle(root: Path, folder: str, files: list[str], label_key: str) -> Source:
     data, labels = [], []
     for name in files:
         path = root / folder / name
-        if not path.exists():
-            raise AssetMissingError(f"CIFAR file not found: {path}; pass --download on a machine "
-                                    "with internet (torchvision fetches and verifies it)")
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
         data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
@@ -93,8 +114,9 @@ def _torchvision_cifar(cls_name: str, folder: str, train_files, test_files, labe
 
             getattr(torchvision.datasets, cls_name)(str(root), train=split == "train",
                                                     download=True)
-        return _cifar_pickle(root, folder, train_files if split == "train" else test_files,
-                             label_key)
+        files = _present_batches(root, folder, train_files if split == "train" else test_files,
+                                 split)
+        return _cifar_pickle(root, folder, files, label_key)
     return source
 
 
@@ -213,8 +235,10 @@ def load_split(name: str, split: str, resolution: int | None = None, *,
     if key in _MEMO:
         return _MEMO[key]
     root = asset_root()
-    npy = cache_dir(root) / f"{name}-{split}-{resolution}.npy" if cache and name != "digits" \
-        else None
+    # A train split may be partial (train_split_size): its size is part of the cache key.
+    size = f"-of{train_split_size(name)}" if split == spec.splits[0] else ""
+    npy = cache_dir(root) / f"{name}-{split}-{resolution}{size}.npy" \
+        if cache and name != "digits" else None
     source = None
     if npy is not None and npy.exists() and npy.with_suffix(".labels.npy").exists():
         arr = np.load(npy, mmap_mode=None)
@@ -271,25 +295,62 @@ def stratified_indices(labels: torch.Tensor | np.ndarray, n: int | None, seed: i
     return np.sort(np.concatenate(chosen))
 
 
+_TRAIN_SIZE: dict[tuple[str, str], int] = {}
+
+
+def train_split_size(dataset: str) -> int:
+    """Number of images (int) in the data set's train split under the asset root: the pool
+    every calibration draw comes from. On the shared offline copy of CIFAR-10 this is 30,000
+    (data_batch_1..3), on a full torchvision download 50,000; it is part of every calibration
+    cache key and of every result record, so the two are never confused.
+
+    Raises AssetMissingError when the train split is not under the asset root."""
+    spec = get_spec(dataset)
+    key = (dataset, str(asset_root()))
+    if key not in _TRAIN_SIZE:
+        _TRAIN_SIZE[key] = len(spec.source(spec.splits[0], asset_root()))
+    return _TRAIN_SIZE[key]
+
+
 def calibration_set(dataset: str, n: int = 1024, seed: int = 0, *,
                     resolution: int | None = None) -> torch.Tensor:
     """n training images drawn without replacement by a seeded generator, normalized,
-    as a float tensor [n, 3, H, W]. No labels leave this function."""
+    as a float32 tensor [n, 3, H, W]. No labels leave this function.
+
+    The draw is ``torch.randperm(train_split_size(dataset), generator=seed)[:n]``, so it
+    depends on the size of the train split present (see ``train_split_size``).
+    Raises ValueError for n outside [1, train split size], AssetMissingError when neither the
+    train split nor a cached draw is under the asset root."""
     spec = get_spec(dataset)
     resolution = resolution or spec.default_resolution
     root = asset_root()
+    try:
+        pool: int | None = train_split_size(dataset)
+    except AssetMissingError as e:  # a machine holding only <root>/cache may still have it
+        pool, missing = None, e
+    if pool is not None and (n <= 0 or n > pool):
+        raise ValueError(f"calibration size must be in [1, {pool}] (the {dataset} train split "
+                         f"under {root} holds {pool} images), got {n}")
     # The decoded draw is cached (uint8, 3 MB for 1,024 CIFAR images) because a study decodes
     # the same images for every run, and so that a machine holding only <root>/cache (a GPU
-    # runner given the test-split cache and these files) reproduces the draw exactly.
-    npy = cache_dir(root) / f"{dataset}-calib-{resolution}-n{n}-seed{seed}.npy" \
-        if dataset != "digits" else None
+    # runner given the test-split cache and these files) reproduces the draw exactly. The key
+    # holds the train-split size: a draw from 30,000 images differs from one from 50,000.
+    stem = f"{dataset}-calib-{resolution}-n{n}-seed{seed}-of"
+    npy = None
+    if dataset != "digits":
+        if pool is not None:
+            npy = cache_dir(root) / f"{stem}{pool}.npy"
+        else:
+            found = sorted(cache_dir(root).glob(f"{stem}*.npy"))
+            if len(found) != 1:
+                raise missing
+            npy = found[0]
     if npy is not None and npy.exists():
         arr = np.load(npy)
     else:
-        train = spec.splits[0]
-        source = spec.source(train, root)
-        if n <= 0 or n > len(source):
-            raise ValueError(f"calibration size must be in [1, {len(source)}], got {n}")
+        if pool is None:
+            raise missing
+        source = spec.source(spec.splits[0], root)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(source), generator=g)[:n].numpy()
         native = spec.default_resolution if dataset.startswith("cifar") else None

@@ -11,7 +11,7 @@
 
     [[models]]                   # any top-level key may be overridden per model
     model = "resnet20"
-    dataset = "cifar10-jpeg"
+    dataset = "cifar10"
     pretrained = true            # or weights = "path/to/checkpoint.pt"
 
 Relative weight paths are resolved against the working directory, then the study file's folder.
@@ -93,7 +93,7 @@ def load_study(path: str | Path) -> Study:
             for sp in opt["sparsities"]:
                 for seed in opt["seeds"]:
                     cfg = RunConfig(
-                        model=m["model"], dataset=m.get("dataset", "cifar10-jpeg"),
+                        model=m["model"], dataset=m.get("dataset", RunConfig.dataset),
                         allocation=alloc, sparsity=float(sp), repairs=list(opt["repairs"]),
                         calib=int(opt["calib"] or 1024), seed=int(seed),
                         n_eval=None if n_eval in ("full", "all") else int(n_eval),

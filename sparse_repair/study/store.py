@@ -51,7 +51,8 @@ class Store:
                     (rid, r["repair"], c["model"], c["dataset"], c["allocation"], c["sparsity"],
                      c["seed"], r["top1"], r["n_eval"], r["seconds"], r["passes_dense"],
                      r["passes_pruned"], r["path"], r["sparsity_achieved"], dense_top1,
-                     json.dumps({**c, "options": r.get("options")}), json.dumps(env), now))
+                     json.dumps({**c, "options": r.get("options"),
+                                 "train_images": r.get("train_images")}), json.dumps(env), now))
             self._set_run(rid, "done", attempts, None, rows[0]["config"], now, wall_s)
 
     def write_failure(self, rid: str, config: dict, error: str, attempts: int = 1) -> None:
