@@ -88,18 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunConfig, run_single
+    from .run import RunConfig, run_config
 
-    cfg = RunConfig(model=args.model, dataset=args.dataset, allocation=args.allocation,
-                    sparsity=args.sparsity, repairs=args.repair.split(","), calib=args.calib,
-                    seed=args.seed, n_eval=args.n_eval, device=args.device,
-                    weights=args.weights, pretrained=args.pretrained,
-                    shrinkage=args.shrinkage, resolution=args.resolution)
-    rows = run_single(cfg, progress=not args.json)
+    cfg = RunConfig.from_dict(_config_values(args, RunConfig))
+    rows, dense_top1 = run_config(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(f"# {json.dumps(rows[0]['config'])}")
+        print(f"# dense top-1 {dense_top1:.2f}% on the same {rows[0]['n_eval']} images")
         print(f"{'repair':<12} {'top1 %':>7} {'seconds':>8} {'passes D/P':>10}  path")
         for r in rows:
             print(f"{r['repair']:<12} {r['top1']:>7.2f} {r['seconds']:>8.2f} "
@@ -118,19 +115,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _n_eval(text: str) -> int | None:
+    return None if text in ("all", "full") else int(text)
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+# How a RunConfig field's annotation is read from the command line.
+_PARSERS = {"str": str, "float": float, "int": int, "str | None": str, "int | None": int,
+            "list[str]": _csv, "dict[str, dict]": json.loads}
+# Flag names kept from before the CLI was derived from RunConfig (README commands use them).
+_ALIASES = {"repairs": ["--repair"]}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | None = None,
+                         **defaults) -> None:
+    """One `--flag` per field of the dataclass ``cls`` (or of ``names``), with the field's own
+    default and help text, so the CLI restates no default. ``defaults`` overrides a default
+    for this subcommand only (eval's full split)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING
+                               else f.default_factory())
+        text = f"{f.metadata.get('help', '')} (default: {default})"
+        flags = [flag] + _ALIASES.get(f.name, [])
+        if f.type == "bool":
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
+                           help=text)
+        elif f.name == "n_eval":
+            p.add_argument(*flags, type=_n_eval, default=default, help=text + "; 'full' = all")
+        else:
+            p.add_argument(*flags, dest=f.name, type=_PARSERS[f.type], default=default,
+                           help=text)
+
+
+def _config_values(args: argparse.Namespace, cls) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if hasattr(args, f.name)}
+
+
 def _model_data_args(p: argparse.ArgumentParser, n_eval: int | None = 2000) -> None:
     from .run import RunConfig
 
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default=RunConfig.dataset)
-    p.add_argument("--pretrained", action="store_true", help="published weights (asset root)")
-    p.add_argument("--weights", default=None, help="checkpoint file (shared format or ours)")
+    add_config_arguments(p, RunConfig, ["model", "dataset", "weights", "pretrained", "device",
+                                        "n_eval", "resolution"], n_eval=n_eval)
     p.add_argument("--download", action="store_true", help="allow downloads (needs internet)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--n-eval", type=lambda s: None if s in ("all", "full") else int(s),
-                   default=n_eval,
-                   help="stratified evaluation subset size, or 'full' (default: "
-                        f"{'full' if n_eval is None else n_eval})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,20 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     # report; a silent 2,000-image subset read as the model's accuracy (80.30 vs 81.03).
     _model_data_args(p, n_eval=None)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--resolution", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="prune once, repair a copy per method, evaluate each")
-    _model_data_args(p)
-    p.add_argument("--allocation", default="erk")
-    p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--repair", default="none,bn_recal,layerwise,channelwise,asr,clipped_asr")
-    p.add_argument("--calib", type=int, default=1024, help="calibration images")
-    p.add_argument("--seed", type=int, default=0, help="draws the calibration images")
-    p.add_argument("--shrinkage", default=None, help="ASR shrinkage rule (default: library's)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="input side in px (default: the checkpoint's, else the data set's)")
+    from .run import RunConfig
+
+    add_config_arguments(p, RunConfig)
+    p.add_argument("--download", action="store_true", help="allow downloads (needs internet)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -14,26 +14,82 @@ from .allocation import allocate
 from .data import calibration_set, get_spec, train_split_size
 from .evaluate import evaluate
 from .pruning import prune_, sparsity_report
-from .repair import repair
+from .repair import list_repairs, repair
+
+
+def _opt(default, help: str, **kw):
+    """A RunConfig field: its default and its help text live together, once (the CLI's
+    `--flag` help and defaults are derived from these)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class RunConfig:
-    model: str = "resnet20"
-    dataset: str = "cifar10"
-    allocation: str = "erk"
-    sparsity: float = 0.9                 # pruned fraction of all prunable weights
-    repairs: list[str] = field(default_factory=lambda: ["none", "bn_recal", "asr"])
-    calib: int = 1024                     # calibration images (unlabeled, from the train split)
-    seed: int = 0                         # draws the calibration images; masks are deterministic
-    n_eval: int | None = 2000             # stratified evaluation subset; None = full split
-    device: str = "cpu"
-    weights: str | None = None            # checkpoint file; else published weights
-    pretrained: bool = True
-    shrinkage: str | None = None          # ASR shrinkage rule; None = library default
-    exclude: list[str] = field(default_factory=list)
-    resolution: int | None = None         # input side (px); None = checkpoint sidecar's, else
-                                          # the data set's default
+    """One run: the single source of the defaults of `sparse-repair run`, study files and the
+    benchmark regimes (each derives its settings from these fields; none restates them).
+
+    Build it from user input with ``RunConfig.from_dict`` (TOML, JSON, CLI), which refuses
+    unknown keys and names the valid ones, as nanoGPT's configurator does."""
+    model: str = _opt("resnet20", "architecture (sparse_repair.models registry)")
+    dataset: str = _opt("cifar10", "data set (sparse_repair.data registry); calibration from "
+                                    "its train split, evaluation on its test split")
+    allocation: str = _opt("erk", "allocator (sparse_repair.allocation registry)")
+    sparsity: float = _opt(0.9, "pruned fraction of all prunable weights, in [0, 1)")
+    repairs: list[str] = _opt(lambda: list_repairs(),
+                              "repairs to run, each on its own copy of the pruned model: "
+                              "registered method names, or labels defined in repair_options")
+    calib: int = _opt(1024, "calibration images (unlabeled, seeded draw from the train split)")
+    seed: int = _opt(0, "draws the calibration images; masks do not depend on it")
+    n_eval: int | None = _opt(2000, "stratified evaluation subset size; None = full split")
+    device: str = _opt("cpu", "torch device")
+    weights: str | None = _opt(None, "checkpoint file; else the published weights")
+    pretrained: bool = _opt(True, "use the published weights when no checkpoint is given")
+    shrinkage: str | None = _opt(None, "ASR shrinkage rule for asr and clipped_asr (shorthand "
+                                       "for repair_options); None = the method's default")
+    exclude: list[str] = _opt(list, "layer names kept dense")
+    resolution: int | None = _opt(None, "input side (px); None = the checkpoint sidecar's, "
+                                        "else the data set's default")
+    repair_options: dict[str, dict] = _opt(dict, "options per repair: {name: {option: value}}; "
+                                                 "a name that is not a registered method is a "
+                                                 "labelled variant and needs a 'method' key")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """A RunConfig from a plain dict (TOML table, JSON). Raises ValueError naming any
+        unknown key and the valid ones, before anything runs."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; valid "
+                             f"settings: {', '.join(valid)}")
+        cfg = cls(**d)
+        cfg.repair_calls()  # validates repairs and repair_options
+        return cfg
+
+    def repair_calls(self) -> list[tuple[str, str, dict]]:
+        """(label, method, options) for every entry of ``repairs``. Raises ValueError for a
+        repair that is neither a registered method nor a labelled variant, and TypeError for
+        an option the method does not take (the repair registry checks option names)."""
+        from .repair import REPAIRS
+
+        extra = sorted(set(self.repair_options) - set(self.repairs))
+        if extra:
+            raise ValueError(f"repair_options names {extra}, which are not in repairs "
+                             f"{self.repairs}; add them to repairs or remove the options")
+        calls = []
+        for label in self.repairs:
+            opts = dict(self.repair_options.get(label, {}))
+            method = opts.pop("method", label)
+            if method not in REPAIRS:
+                raise ValueError(f"repair {label!r} is not a registered method ("
+                                 f"{', '.join(REPAIRS)}); a labelled variant needs "
+                                 f"repair_options[{label!r}] = {{'method': <one of those>, ...}}")
+            if self.shrinkage and method in ("asr", "clipped_asr"):
+                opts.setdefault("shrinkage", self.shrinkage)
+            calls.append((label, method, opts))
+        return calls
 
 
 def load_dense(cfg: RunConfig) -> torch.nn.Module:
@@ -88,17 +144,34 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     except FileNotFoundError:  # a cached draw on a machine without the train split
         train_images = None
     rows = []
-    for method in cfg.repairs:
+    for label, method, opts in cfg.repair_calls():
         model = copy.deepcopy(pruned)
-        opts = {"shrinkage": cfg.shrinkage} if cfg.shrinkage and "asr" in method else {}
         report = repair(model, method, calib.to(cfg.device), dense=dense, **opts)
         acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device, resolution=res)
-        rows.append({"repair": method, "top1": acc["top1"], "n_eval": acc["n"],
+        rows.append({"repair": label, "method": method, "top1": acc["top1"], "n_eval": acc["n"],
                      "seconds": report.seconds, "passes_dense": report.passes_dense,
                      "passes_pruned": report.passes_pruned, "path": report.path,
                      "options": report.options, "sparsity_achieved": achieved,
                      "train_images": train_images,
                      "config": asdict(cfg), **environment(cfg.device)})
         if progress:
-            print(f"  {method:<12} top-1 {acc['top1']:.2f}%  ({report.seconds:.2f}s)", flush=True)
+            print(f"  {label:<12} top-1 {acc['top1']:.2f}%  ({report.seconds:.2f}s)", flush=True)
     return rows
+
+
+def run_config(cfg: RunConfig, dense_cache: dict | None = None, progress: bool = False
+               ) -> tuple[list[dict], float]:
+    """One configuration, as the CLI, the study workers, the benchmark gate and the scripts run
+    it: (rows of ``run_single``, dense top-1 in percent on the same evaluation images).
+
+    ``dense_cache`` (any dict, kept by the caller) holds each dense model and its accuracy, so
+    a sweep loads and evaluates one checkpoint once per process."""
+    res = input_resolution(cfg)
+    key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device, res)
+    cache = {} if dense_cache is None else dense_cache
+    if key not in cache:
+        dense = load_dense(cfg).to(cfg.device)
+        cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
+                                      resolution=res)["top1"])
+    dense, dense_top1 = cache[key]
+    return run_single(cfg, dense=dense, progress=progress), dense_top1

@@ -50,6 +50,8 @@ def run_id(cfg: RunConfig) -> str:
         d["weights"] = _weights_identity(d["weights"])
     if d.get("resolution") is None:  # added later: ids of studies written before stay valid
         d.pop("resolution", None)
+    if not d.get("repair_options"):  # likewise
+        d.pop("repair_options", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

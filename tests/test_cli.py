@@ -1,0 +1,74 @@
+"""Command line and run configuration: RunConfig is the one source of defaults, user input with
+unknown keys is refused, and `eval` reports the whole split unless asked for a subset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from sparse_repair.cli import build_parser, main
+from sparse_repair.run import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt")
+
+
+def _subparser(name: str):
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices[name]
+
+
+def test_run_flags_take_every_default_from_runconfig():
+    p = _subparser("run")
+    defaults = vars(p.parse_args([]))
+    for f in dataclasses.fields(RunConfig):
+        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert defaults[f.name] == want, f"--{f.name}: CLI default differs from RunConfig"
+
+
+def test_eval_defaults_to_the_full_split():
+    assert vars(_subparser("eval").parse_args([]))["n_eval"] is None
+    assert vars(_subparser("eval").parse_args(["--n-eval", "500"]))["n_eval"] == 500
+
+
+def test_runconfig_from_dict_refuses_unknown_keys_and_names_valid_ones():
+    with pytest.raises(ValueError, match=r"'calibration'.*valid settings: model, dataset"):
+        RunConfig.from_dict({"model": "resnet20", "calibration": 512})
+
+
+def test_repair_options_reach_the_run_and_labelled_variants_need_a_method():
+    cfg = RunConfig.from_dict({"repairs": ["asr", "asr_pooled"], "repair_options": {
+        "asr_pooled": {"method": "asr", "shrinkage": "pooled"}}})
+    assert cfg.repair_calls() == [("asr", "asr", {}),
+                                  ("asr_pooled", "asr", {"shrinkage": "pooled"})]
+    with pytest.raises(ValueError, match="labelled variant needs"):
+        RunConfig.from_dict({"repairs": ["asr_pooled"]})
+    with pytest.raises(ValueError, match="not in repairs"):
+        RunConfig.from_dict({"repairs": ["asr"], "repair_options": {"bn_recal": {}}})
+
+
+def test_eval_prints_which_images_it_used(capsys):
+    assert main(["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
+                 "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["subset"] == "full" and full["n"] == 364 and full["split"] == "test"
+    assert main(["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
+                 "--n-eval", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "stratified subset of the test split, 100 images" in out
+
+
+def test_run_with_a_labelled_variant(capsys):
+    assert main(["run", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
+                 "--sparsity", "0.8", "--n-eval", "full", "--calib", "128",
+                 "--repair", "bn_recal,asr_pooled",
+                 "--repair-options", '{"asr_pooled": {"method": "asr", "shrinkage": "pooled"}}',
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["repair"], r["method"]) for r in rows] == [("bn_recal", "bn_recal"),
+                                                          ("asr_pooled", "asr")]
+    assert rows[1]["options"]["shrinkage"] == "pooled"
