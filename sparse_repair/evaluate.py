@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .data import get_spec, load_split, normalize, stratified_indices
-from .progress import Progress
+from .progress import progress_bar
 
 
 @torch.inference_mode()
@@ -27,7 +27,7 @@ def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *
     idx = torch.from_numpy(stratified_indices(labels, n))
     model = model.to(device).eval()
     correct1 = correct5 = 0
-    bar = Progress(len(idx), f"eval {dataset}", enabled=progress, unit="img")
+    bar = progress_bar(len(idx), f"eval {dataset}", enabled=progress, unit="img")
     start = time.perf_counter()
     for chunk in torch.split(idx, batch_size):
         x = normalize(images[chunk].to(device), dataset)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .data import get_spec, load_split, normalize
 from .evaluate import evaluate
 from .models import create_model
-from .progress import Progress
+from .progress import progress_bar
 
 
 @dataclass
@@ -85,7 +85,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs *
                                                 steps_per_epoch, pct_start=0.25)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    bar = Progress(cfg.epochs * steps_per_epoch, f"train {cfg.model}", progress, "step")
+    bar = progress_bar(cfg.epochs * steps_per_epoch, f"train {cfg.model}", progress, "step")
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -102,7 +102,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            bar.update(1, f"epoch {epoch + 1} loss {loss.item():.3f}")
+            bar.set_postfix_str(f"epoch {epoch + 1} loss {loss.item():.3f}", refresh=False)
+            bar.update(1)
     wall = time.perf_counter() - start
     model = model.to(memory_format=torch.contiguous_format)
     acc = evaluate(model, cfg.dataset, None, device=device, resolution=cfg.resolution)

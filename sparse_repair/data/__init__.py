@@ -212,10 +212,10 @@ def _decode_many(source: Source, indices: np.ndarray, resolution: int, native: i
                                                 antialias=True, align_corners=False)
             arr = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return arr
-    from ..progress import Progress
+    from ..progress import progress_bar
 
     out = np.empty((len(indices), resolution, resolution, 3), dtype=np.uint8)
-    bar = Progress(len(indices), "decode", enabled=progress and len(indices) > 2000, unit="img")
+    bar = progress_bar(len(indices), "decode", enabled=progress and len(indices) > 2000, unit="img")
     for j, i in enumerate(indices):
         out[j] = _decode(source.files[i], resolution, native)
         bar.update()
