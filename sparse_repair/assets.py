@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import urllib.request
+import re
 from pathlib import Path
 
 ENV_VAR = "SPARSE_REPAIR_ASSETS"
@@ -49,13 +48,28 @@ def require(path: Path, what: str) -> Path:
 
 
 def download(url: str, dest: Path, sha256: str | None) -> Path:
-    """Fetch ``url`` to ``dest`` atomically and verify its sha256 (prefix or full digest)."""
+    """Fetch ``url`` to ``dest`` with ``torch.hub.download_url_to_file`` and return ``dest``.
+
+    ``sha256`` (hex, a prefix such as torch.hub's 8-hex file-name convention, or the full
+    digest; None skips the check) is passed as ``hash_prefix``: torch.hub hashes while it
+    downloads into a temporary file next to ``dest`` and moves it into place only on a match,
+    so a broken or wrong download never lands at ``dest``. Raises ValueError (the same text as
+    ``verify_sha256``) on a mismatch; network errors propagate as torch.hub raises them."""
+    # Imported here so that importing assets stays torch-free; the attribute is looked up on
+    # each call, which lets tests monkeypatch torch.hub.download_url_to_file.
+    import torch.hub
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
-    verify_sha256(tmp, sha256)
-    tmp.replace(dest)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256)
+    except RuntimeError as e:
+        # torch.hub's only signal for a bad hash: 'invalid hash value (expected "..", got "..")'
+        if "invalid hash value" not in str(e):
+            raise
+        got = re.search(r'got "([0-9a-f]+)"', str(e))
+        raise ValueError(f"checksum mismatch for {dest}: expected sha256 {sha256}..., got "
+                         f"{got.group(1) if got else str(e)}; delete the file and fetch it "
+                         "again") from e
     return dest
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from sparse_repair import data as D
-from sparse_repair.assets import AssetMissingError, verify_sha256
+from sparse_repair.assets import AssetMissingError, download, sha256_of, verify_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,37 @@ def test_checksum_mismatch_raises(tmp_path):
     f.write_bytes(b"not the weights")
     with pytest.raises(ValueError, match="checksum mismatch"):
         verify_sha256(f, "12fca82f")
+
+
+def test_download_passes_the_hash_to_torch_hub(tmp_path, monkeypatch):
+    """download() hands the expected sha256 to torch.hub as hash_prefix (no network here)."""
+    import torch.hub
+
+    calls = []
+
+    def fake(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, dst, hash_prefix))
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake)
+    dest = tmp_path / "weights" / "resnet20-12fca82f.th"
+    assert download("https://example.invalid/r20.th", dest, "12fca82f") == dest
+    assert calls == [("https://example.invalid/r20.th", str(dest), "12fca82f")]
+    assert dest.read_bytes() == b"weights"
+
+
+def test_download_hash_mismatch_is_the_checksum_valueerror(tmp_path):
+    """torch.hub's RuntimeError on a bad hash becomes the ValueError naming the file and the
+    fix; a file:// URL runs the real torch.hub code offline. Nothing lands at dest."""
+    src = tmp_path / "src.th"
+    src.write_bytes(b"not the weights")
+    dest = tmp_path / "weights" / "w.th"
+    with pytest.raises(ValueError, match=r"checksum mismatch for .*w\.th: expected sha256 "
+                                         r"12fca82f\.\.\., got [0-9a-f]{64}; delete the file"):
+        download(src.as_uri(), dest, "12fca82f")
+    assert not dest.exists()
+    digest = sha256_of(src)
+    assert download(src.as_uri(), dest, digest[:8]).read_bytes() == b"not the weights"
 
 
 def test_calibration_returns_images_only_and_is_seeded(asset_root):
