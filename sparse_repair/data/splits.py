@@ -1,0 +1,100 @@
+"""Whole splits as decoded uint8 tensors, and per-batch normalization.
+
+Every split is decoded once into a uint8 tensor [N, C, H, W] and cached as .npy under
+<asset root>/cache (keyed by data set, split and resolution), because decoding tens of
+thousands of small JPEGs on 2 cores costs far more than the forward passes. Normalization is
+applied per batch by ``normalize``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..assets import asset_root, cache_dir
+from .datasets import Source, get_spec, train_split_size
+
+
+def _decode(path: Path, resolution: int, native: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # Imagenette holds 69 grayscale images
+        if native is None or im.size != (resolution, resolution):
+            # Evaluation transform: resize the short side to resolution/0.875, center crop.
+            short = int(round(resolution / 0.875)) if native is None else resolution
+            w, h = im.size
+            scale = short / min(w, h)
+            im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                           Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_many(source: Source, indices: np.ndarray, resolution: int, native: int | None,
+                 progress: bool = False) -> np.ndarray:
+    if source.array is not None:
+        arr = source.array[indices]
+        if arr.shape[1] != resolution:
+            t = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+            t = torch.nn.functional.interpolate(t, size=resolution, mode="bilinear",
+                                                antialias=True, align_corners=False)
+            arr = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return arr
+    from ..progress import progress_bar
+
+    out = np.empty((len(indices), resolution, resolution, 3), dtype=np.uint8)
+    bar = progress_bar(len(indices), "decode", enabled=progress and len(indices) > 2000, unit="img")
+    for j, i in enumerate(indices):
+        out[j] = _decode(source.files[i], resolution, native)
+        bar.update()
+    return out
+
+
+_MEMO: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_split(name: str, split: str, resolution: int | None = None, *,
+               download: bool = False, cache: bool = True, progress: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 3, H, W], labels int64 [N]) for a whole split, decoded once."""
+    spec = get_spec(name)
+    resolution = resolution or spec.default_resolution
+    key = (name, split, resolution, str(asset_root()))
+    if key in _MEMO:
+        return _MEMO[key]
+    root = asset_root()
+    # A train split may be partial (train_split_size): its size is part of the cache key.
+    size = f"-of{train_split_size(name)}" if split == spec.splits[0] else ""
+    npy = cache_dir(root) / f"{name}-{split}-{resolution}{size}.npy" \
+        if cache and name != "digits" else None
+    source = None
+    if npy is not None and npy.exists() and npy.with_suffix(".labels.npy").exists():
+        arr = np.load(npy, mmap_mode=None)
+        labels = np.load(npy.with_suffix(".labels.npy"))
+    else:
+        source = spec.source(split, root, download)
+        native = spec.default_resolution if name.startswith("cifar") else None
+        arr = _decode_many(source, np.arange(len(source)), resolution, native, progress)
+        labels = source.labels
+        if npy is not None:
+            tmp = npy.with_suffix(".tmp.npy")
+            np.save(tmp, arr)
+            np.save(npy.with_suffix(".labels.npy"), labels)
+            tmp.replace(npy)
+    images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    result = (images, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    _MEMO[key] = result
+    return result
+
+
+def normalize(images: torch.Tensor, dataset: str) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 normalized with the data set's mean and std."""
+    spec = get_spec(dataset)
+    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
