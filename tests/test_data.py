@@ -142,6 +142,22 @@ def test_stratified_subset_is_class_balanced():
     assert np.array_equal(idx, D.stratified_indices(labels, 2000)), "subset must be fixed"
 
 
+def test_digits_without_scikit_learn_says_what_to_install(asset_root, monkeypatch):
+    """scikit-learn is not a base dependency: a base install asking for digits is told the
+    install command (None in sys.modules makes the import fail, as if it were absent)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    want = r'pip install scikit-learn \(or pip install "sparse-repair\[digits\]"'
+    with pytest.raises(ModuleNotFoundError, match=want) as err:
+        D.load_split("digits", "test")
+    assert err.value.name == "sklearn"
+    with pytest.raises(ModuleNotFoundError, match=want):
+        D.calibration_set("digits", n=8)
+    assert not (asset_root / "cache").exists(), "nothing may happen before the error"
+
+
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="cifar10-jpeg"):
         D.get_spec("mnist")

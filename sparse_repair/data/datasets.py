@@ -130,10 +130,21 @@ def _folder_source(sub: str, classes_file: str | None = None):
     return source
 
 
+DIGITS_INSTALL = ('pip install scikit-learn (or pip install "sparse-repair[digits]"; the test '
+                  "extra includes it too)")
+
+
 def _digits_source(split: str, root: Path, download: bool = False) -> Source:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, inside its wheel), with a
-    fixed stratified 80/20 split, as 3-channel uint8 so every model applies unchanged."""
-    from sklearn.datasets import load_digits
+    fixed stratified 80/20 split, as 3-channel uint8 so every model applies unchanged.
+
+    Raises ModuleNotFoundError (name "sklearn") saying what to install when scikit-learn is
+    missing: it is in the ``digits`` and ``test`` extras, not in the base install."""
+    try:  # first, so a base install fails here with the fix rather than deeper in
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ModuleNotFoundError(f"the digits data set is read from scikit-learn, which is not "
+                                  f"installed: {DIGITS_INSTALL}", name="sklearn") from e
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
