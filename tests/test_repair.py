@@ -4,6 +4,7 @@ reach repair code, fully pruned channels stay finite, modes are restored, runs a
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,9 +13,17 @@ from torch import nn
 from sparse_repair.allocation import allocate
 from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
-from sparse_repair.repair import list_repairs, repair
+from sparse_repair.repair import (
+    REPAIRS,
+    EngineOptions,
+    PairedMethod,
+    list_repairs,
+    register,
+    repair,
+    set_statistics,
+)
 
-PAIRED = ["layerwise", "channelwise", "asr", "clipped_asr"]
+PAIRED = list_repairs(family="activation_statistics")
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +251,130 @@ def test_each_concatenated_channel_is_summed_once(concat_pair, monkeypatch):
     assert sum(summed) == distinct, (
         f"{sum(summed)} channels summed for {distinct} distinct ones: the engine re-summed "
         "channels an earlier BN had already seen")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@pytest.mark.parametrize("method", list_repairs())
+def test_unknown_option_raises_type_error_naming_the_valid_ones(pair, method):
+    dense, pruned, calib = pair
+    model = copy.deepcopy(pruned)
+    with pytest.raises(TypeError, match=f"^{method} has no option 'shrinkge'") as err:
+        repair(model, method, calib, dense=dense, shrinkge="relative")
+    valid = [f.name for f in dataclasses.fields(REPAIRS[method].Options)]
+    for name in valid:
+        assert name in str(err.value), f"{method}: the message does not name option {name}"
+    if not valid:
+        assert "takes no options" in str(err.value)
+
+
+BAD_VALUES = [(m, "path", "fast") for m in PAIRED] + [
+    ("asr", "shrinkage", "relativ"), ("asr", "scope", "middle"),
+    ("clipped_asr", "shrinkage", "median"), ("clipped_asr", "scope", "outer"),
+    ("layerwise", "memory_limit_gb", "lots")]
+
+
+@pytest.mark.parametrize(("method", "option", "value"), BAD_VALUES)
+def test_bad_option_value_raises_before_the_model_is_touched(pair, method, option, value):
+    dense, pruned, calib = pair
+    model = copy.deepcopy(pruned).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=option.split("_")[0]):
+        repair(model, method, calib, dense=dense, **{option: value})
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"{method} {option}={value!r} changed {k}"
+    assert all(m.training for m in model.modules())
+
+
+def test_list_repairs_filters_by_family():
+    assert list_repairs(family="activation_statistics") == [
+        "layerwise", "channelwise", "asr", "clipped_asr"]
+    assert list_repairs(family="bn") == ["bn_recal"]
+    assert list_repairs(family="none") == ["none"]
+    families = {REPAIRS[n].family for n in list_repairs()}
+    assert sorted(n for f in families for n in list_repairs(family=f)) == sorted(list_repairs())
+    with pytest.raises(ValueError, match="activation_statistics"):
+        list_repairs(family="activation_statistic")
+
+
+@pytest.mark.parametrize("method", list_repairs())
+def test_every_registered_method_has_metadata(method):
+    impl = REPAIRS[method]
+    assert impl.name == method
+    assert isinstance(impl.family, str) and impl.family
+    assert isinstance(impl.needs_dense, bool) and isinstance(impl.needs_bn, bool)
+    assert dataclasses.is_dataclass(impl.Options) and impl.Options.__dataclass_params__.frozen
+    assert all(f.default is not dataclasses.MISSING for f in dataclasses.fields(impl.Options)), \
+        f"{method}: every option needs a default, so that repair() works without options"
+
+
+def test_register_refuses_missing_metadata_and_duplicate_names():
+    with pytest.raises(TypeError, match="family"):
+        @register
+        class NoFamily(PairedMethod):
+            name = "no_family"
+            needs_dense = False
+    with pytest.raises(ValueError, match="already registered"):
+        @register
+        class Again(PairedMethod):
+            name = "asr"
+            family = "activation_statistics"
+            needs_dense = False
+    assert "no_family" not in REPAIRS
+
+
+@pytest.mark.parametrize("method", list_repairs())
+def test_report_options_include_every_default(pair, method):
+    dense, pruned, calib = pair
+    report = repair(copy.deepcopy(pruned), method, calib[:32], dense=dense)
+    defaults = {f.name: f.default for f in dataclasses.fields(REPAIRS[method].Options)}
+    assert report.options == {"chunk_size": 256, **defaults}
+
+
+def test_given_options_are_recorded(pair):
+    dense, pruned, calib = pair
+    report = repair(copy.deepcopy(pruned), "clipped_asr", calib[:32], dense=dense,
+                    shrinkage="pooled", g_max=2.0, path="rerun", chunk_size=16)
+    assert report.options == {"chunk_size": 16, "path": "rerun", "memory_limit_gb": None,
+                              "shrinkage": "pooled", "scope": "all", "g_min": 0.0, "g_max": 2.0}
+
+
+def test_a_new_method_is_one_small_class(pair):
+    """The shape docs/repair.md shows for adding a method: registered, listed under its family,
+    run by the engine on either path with the same result."""
+
+    @dataclasses.dataclass(frozen=True)
+    class MeanOnlyOptions(EngineOptions):
+        keep_var: bool = True
+
+    @register
+    class MeanOnly(PairedMethod):
+        """running_mean <- mu_s; running_var kept."""
+        name = "mean_only_test"
+        family = "test_only"
+        needs_dense = False
+        Options = MeanOnlyOptions
+
+        def update(self, opts, site, m):
+            v = site.bn.running_var.double()
+            one = torch.ones_like(v)
+            return set_statistics(site, m, v if opts.keep_var else m.var_s, one, one)
+
+    try:
+        assert list_repairs(family="test_only") == ["mean_only_test"]
+        dense, pruned, calib = pair
+        a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+        ra = repair(a, "mean_only_test", calib, dense=dense, chunk_size=32)
+        rb = repair(b, "mean_only_test", calib, dense=dense, chunk_size=32, path="rerun")
+        assert (ra.path, rb.path) == ("onepass", "rerun") and ra.passes_dense == 0
+        assert torch.equal(a.bn1.running_var, pruned.bn1.running_var)
+        assert not torch.equal(a.bn1.running_mean, pruned.bn1.running_mean)
+        for k, va in _bn_params(a).items():
+            assert torch.allclose(va, _bn_params(b)[k], rtol=1e-5, atol=1e-7), k
+        with pytest.raises(TypeError, match="keep_var, path, memory_limit_gb"):
+            repair(copy.deepcopy(pruned), "mean_only_test", calib, keep_vr=False)
+    finally:
+        REPAIRS.pop("mean_only_test")

@@ -12,12 +12,19 @@ b before the data flows on. Two interchangeable paths:
   model does not trace or the frontier would exceed ``memory_limit_bytes``.
 
 Both accumulate identical chunks with the same float64 merge, so they agree to float rounding.
+
+``run_paired`` is what a repair method calls: it chooses the path (``auto``: one-pass when the
+model traces), snapshots the BatchNorm state, and falls back to ``rerun`` from that snapshot when
+the one-pass frontier exceeds the memory limit. A method only supplies the per-BN ``update``.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.fx
@@ -28,9 +35,16 @@ from .stats import Moments, chunk_moments, concat, merge, reshift
 
 OnBN = Callable[[str, _BatchNorm, Moments], None]
 
+PATHS = ("auto", "onepass", "rerun")
+
 
 class FrontierTooLarge(RuntimeError):
     pass
+
+
+def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BatchNorm of ``model`` by qualified name, in module-registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
 
 def _attr(model: nn.Module, target: str):
@@ -273,3 +287,98 @@ def branch_end_bns(model: nn.Module) -> set[str]:
 
 def traces(model: nn.Module) -> bool:
     return trace_graph(model) is not None
+
+
+
+# ----------------------------------------------------------------------------- paired driver
+
+class _GraphFacts:
+    """Facts about one model's fx graph, computed on first use: a method that never asks (every
+    method but ASR with a scope other than "all") costs no graph walk and no trace attempt."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @cached_property
+    def branch_ends(self) -> set[str]:
+        return branch_end_bns(self.model)
+
+
+@dataclass(frozen=True)
+class BNSite:
+    """One BatchNorm as a method's ``update`` sees it: its qualified name, the module (to be
+    changed in place) and where it sits in the graph."""
+    name: str
+    bn: _BatchNorm
+    _graph: _GraphFacts = field(repr=False)
+
+    @property
+    def branch_end(self) -> bool:
+        """True when the BN's output feeds a residual sum (``branch_end_bns``); False for every
+        BN of a model that does not trace."""
+        return self.name in self._graph.branch_ends
+
+
+Update = Callable[[BNSite, Moments], dict]
+
+
+@dataclass
+class PassResult:
+    """What one repair pass did: the path that ran ("onepass", "rerun", "bn_train_pass",
+    "none"), the (partial) passes of D and of P, and one record per BN in processing order."""
+    path: str
+    passes_dense: int
+    passes_pruned: int
+    layers: list[dict] = field(default_factory=list)
+
+
+def memory_limit_bytes(limit_gb: float | None, device: torch.device) -> float:
+    """The one-pass frontier limit: the option if given, else half the free memory of the
+    CUDA device, else 8 GiB on CPU (a third of the 24 GiB machines this project runs on)."""
+    if limit_gb is not None:
+        return float(limit_gb) * 2**30
+    if device.type == "cuda":
+        return 0.5 * torch.cuda.mem_get_info(device)[0]
+    return 8.0 * 2**30
+
+
+def run_paired(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Tensor],
+               update: Update, path: str = "auto",
+               memory_limit_gb: float | None = None) -> PassResult:
+    """Run ``update`` at every BN of ``pruned`` in forward order, each BN seeing the moments of
+    its input in P (after every upstream update) and, when ``dense`` is given, in D.
+
+    ``chunks``: float image tensors [n, C, H, W] on the models' device. ``update`` changes the
+    BN in place and returns its per-BN record (kept in the result's ``layers``). ``path``: "auto"
+    takes "onepass" when P traces with torch.fx, else "rerun". On "onepass" the BN state is
+    snapshot first; a live frontier over ``memory_limit_gb`` (``memory_limit_bytes``) restores
+    it, drops the records and runs "rerun" instead, unless "onepass" was asked for explicitly,
+    where ``FrontierTooLarge`` propagates. Raises ValueError for a path not in ``PATHS``.
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose {', '.join(PATHS)}")
+    graph = _GraphFacts(pruned)
+    layers: list[dict] = []
+
+    def on_bn(name: str, bn: _BatchNorm, m: Moments) -> None:
+        layers.append(update(BNSite(name, bn, graph), m))
+
+    limit = memory_limit_bytes(memory_limit_gb, chunks[0].device)
+    chosen = path if path != "auto" else ("onepass" if traces(pruned) else "rerun")
+    if chosen == "onepass":
+        # Snapshot BN state so that a frontier over the memory limit can fall back to the
+        # rerun path from a clean model (the limit is checked while the graph executes).
+        saved = {n: copy.deepcopy(b.state_dict()) for n, b in batchnorms(pruned).items()}
+        try:
+            run_onepass(pruned, dense, chunks, on_bn, limit)
+            passes = 1
+        except FrontierTooLarge:
+            if path == "onepass":
+                raise
+            for n, b in batchnorms(pruned).items():
+                b.load_state_dict(saved[n])
+            layers.clear()
+            chosen = "rerun"
+    if chosen == "rerun":
+        passes = run_rerun(pruned, dense, chunks, on_bn)
+    return PassResult(chosen, passes if dense is not None else 0, passes, layers)

@@ -1,0 +1,326 @@
+"""Repair methods: one small class each, with a frozen options dataclass and its metadata, kept
+in the registry ``REPAIRS`` (name -> instance) by ``@register``.
+
+A method says what it does, never how the models are run: a ``PairedMethod`` supplies
+``update``, its step at one BatchNorm given the pooled moments of that BN's input (definitions
+in docs/repair.md), and the engine (``engine.run_paired``) chooses the path, snapshots the BNs
+and falls back from one-pass to re-run. ``bn_recal`` and ``none`` are not paired: each is its
+own pass (``run``). The options dataclass is the single source of a method's option names and
+defaults; its ``__post_init__`` rejects bad values, so ``resolve`` fails before any model is
+touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .engine import PATHS, BNSite, PassResult, batchnorms, run_paired
+from .stats import SHRINKAGE, Moments, dead_channels
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that takes none."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options every paired method takes: they steer ``engine.run_paired``.
+
+    path: "auto" (one-pass when the model traces with torch.fx, else re-run), "onepass" or
+    "rerun". memory_limit_gb: the one-pass live-frontier limit in GiB before falling back to
+    re-run; None = half the free CUDA memory, 8 GiB on CPU (``engine.memory_limit_bytes``).
+    Raises ValueError for a path not in ``engine.PATHS`` or a limit that is not a number.
+    """
+    path: str = "auto"
+    memory_limit_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; choose {', '.join(PATHS)}")
+        if self.memory_limit_gb is not None:
+            try:
+                float(self.memory_limit_gb)
+            except (TypeError, ValueError):
+                raise ValueError(f"memory_limit_gb must be a number of GiB or None, got "
+                                 f"{self.memory_limit_gb!r}") from None
+
+
+SCOPES = ("all", "branch_end", "inner")
+
+
+@dataclass(frozen=True)
+class ASROptions(EngineOptions):
+    """shrinkage: the rule giving kappa, a key of ``stats.SHRINKAGE``. scope: the BNs whose gamma
+    is damped: "all", "branch_end" (output feeds a residual sum) or "inner" (the others).
+    Defaults chosen by the ablation in docs/RESULTS.md section 2 (scripts/repair_ablation.py
+    shrinkage). Raises ValueError for an unknown shrinkage or scope."""
+    shrinkage: str = "relative"
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shrinkage not in SHRINKAGE:
+            raise ValueError(f"unknown shrinkage {self.shrinkage!r}; choose one of "
+                             f"{', '.join(SHRINKAGE)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose {', '.join(SCOPES)}")
+
+
+@dataclass(frozen=True)
+class ClippedASROptions(ASROptions):
+    """g_min, g_max: bounds on each channel's gain relative to the unrepaired model. Default
+    chosen by the clip sweep in docs/RESULTS.md section 3 (scripts/repair_ablation.py clip)."""
+    g_min: float = 0.0
+    g_max: float = 4.0
+
+
+def option_names(options_cls: type) -> list[str]:
+    """Field names of an options dataclass, the most specific class's own fields first (so a
+    message lists "shrinkage, scope" before the engine's "path, memory_limit_gb")."""
+    names: list[str] = []
+    valid = {f.name for f in dataclasses.fields(options_cls)}
+    for klass in options_cls.__mro__:
+        for name in vars(klass).get("__annotations__", {}):
+            if name in valid and name not in names:
+                names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class RepairMethod:
+    """A registered repair method. Subclasses set the metadata and ``Options`` and implement
+    ``run`` (or, for paired methods, ``update``: see ``PairedMethod``).
+
+    Metadata (class attributes, checked by ``register``): ``name`` (registry key), ``family``
+    (``list_repairs(family=...)``), ``needs_dense`` (``repair`` refuses dense=None),
+    ``needs_bn`` (``repair`` refuses a model without BatchNorm), ``Options`` (a frozen
+    dataclass; its fields are the method's only options and their defaults).
+    """
+    name: ClassVar[str]
+    family: ClassVar[str]
+    needs_dense: ClassVar[bool]
+    needs_bn: ClassVar[bool]
+    Options: ClassVar[type] = NoOptions
+
+    def resolve(self, **given: Any) -> Any:
+        """The full options for one call: ``Options(**given)`` with every default filled in.
+        Raises TypeError naming the valid options for an unknown name, ValueError (from
+        ``Options.__post_init__``) for a bad value."""
+        valid = option_names(self.Options)
+        unknown = [k for k in given if k not in valid]
+        if unknown:
+            which = ", ".join(repr(k) for k in unknown)
+            noun = "option" if len(unknown) == 1 else "options"
+            takes = f"valid options: {', '.join(valid)}" if valid else "it takes no options"
+            raise TypeError(f"{self.name} has no {noun} {which}; {takes}")
+        return self.Options(**given)
+
+    def run(self, opts: Any, pruned: nn.Module, dense: nn.Module | None,
+            chunks: list[torch.Tensor]) -> PassResult:
+        """Repair ``pruned`` in place (eval mode, no_grad, set by ``repair``)."""
+        raise NotImplementedError
+
+
+class PairedMethod(RepairMethod):
+    """A method driven by the paired engine: ``update`` is its whole rule."""
+    needs_bn = True
+    Options = EngineOptions
+
+    def run(self, opts, pruned, dense, chunks):
+        return run_paired(pruned, dense if self.needs_dense else None, chunks,
+                          lambda site, m: self.update(opts, site, m), opts.path,
+                          opts.memory_limit_gb)
+
+    def update(self, opts: Any, site: BNSite, m: Moments) -> dict:
+        """Change ``site.bn`` in place from ``m`` (float64 moments of its input; dense ones only
+        when ``needs_dense``); return the BN's record (``set_statistics`` builds it)."""
+        raise NotImplementedError
+
+
+REPAIRS: dict[str, RepairMethod] = {}
+
+
+def register(cls: type[RepairMethod]) -> type[RepairMethod]:
+    """Class decorator: check the metadata and add one instance to ``REPAIRS`` under
+    ``cls.name``. Raises TypeError for missing metadata or a non-frozen Options dataclass,
+    ValueError for a name already registered."""
+    for attr, kind in (("name", str), ("family", str), ("needs_dense", bool),
+                       ("needs_bn", bool)):
+        if not isinstance(getattr(cls, attr, None), kind):
+            raise TypeError(f"{cls.__name__}.{attr} must be a {kind.__name__}")
+    opts = cls.Options
+    if not (dataclasses.is_dataclass(opts) and opts.__dataclass_params__.frozen):
+        raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass")
+    if cls.name in REPAIRS:
+        raise ValueError(f"repair method {cls.name!r} is already registered")
+    REPAIRS[cls.name] = cls()
+    return cls
+
+
+def list_repairs(family: str | None = None) -> list[str]:
+    """Registered method names in registration order, only those of ``family`` when given.
+    Raises ValueError for a family no registered method has."""
+    if family is None:
+        return list(REPAIRS)
+    families = {m.family for m in REPAIRS.values()}
+    if family not in families:
+        raise ValueError(f"unknown repair family {family!r}; choose one of "
+                         f"{', '.join(sorted(families))}")
+    return [n for n, m in REPAIRS.items() if m.family == family]
+
+
+# ----------------------------------------------------------------------------- shared BN step
+
+
+def set_statistics(site: BNSite, m: Moments, new_var: torch.Tensor, kappa: torch.Tensor,
+                   gain: torch.Tensor, scale_gamma: bool = False) -> dict:
+    """Write running_mean <- mu_s and running_var <- ``new_var`` (float64 [C], cast to the
+    buffers' dtype); multiply gamma by ``kappa`` when ``scale_gamma`` and the BN is affine.
+    Returns the BN's record: its name, dense/pruned means and standard deviations, rho (None
+    where the moments have no dense side), kappa and the gain relative to the unrepaired BN."""
+    bn = site.bn
+    bn.running_mean.copy_(m.mean_s.to(bn.running_mean))
+    bn.running_var.copy_(new_var.to(bn.running_var))
+    if scale_gamma and bn.affine:
+        bn.weight.mul_(kappa.to(bn.weight))
+    return {"name": site.name,
+            "mu_d": m.mean_d, "sd_d": m.var_d.sqrt() if m.s2_d is not None else None,
+            "mu_s": m.mean_s, "sd_s": m.var_s.sqrt(),
+            "rho": m.rho if m.s_ds is not None else None,
+            "kappa": kappa, "gain": gain}
+
+
+def _gain(kappa: torch.Tensor, v: torch.Tensor, new_var: torch.Tensor, eps: float):
+    """Channel gain relative to the unrepaired BN: kappa sqrt((v + eps) / (new_var + eps))."""
+    return kappa * torch.sqrt((v + eps) / (new_var + eps))
+
+
+def _alive(kappa: torch.Tensor, m: Moments, v: torch.Tensor) -> torch.Tensor:
+    """kappa with dead channels (``stats.dead_channels``) set to 0: their gain is 0."""
+    return torch.where(dead_channels(m, v), torch.zeros_like(kappa), kappa)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@register
+class NoRepair(RepairMethod):
+    """Pruning only: the model is left as it is."""
+    name = "none"
+    family = "none"
+    needs_dense = False
+    needs_bn = False
+
+    def run(self, opts, pruned, dense, chunks):
+        return PassResult("none", 0, 0, [])
+
+
+@register
+class BNRecal(RepairMethod):
+    """Reset running stats, momentum None (cumulative average), only BN modules in training
+    mode, one pass over the calibration chunks (REFLOW's BN-only baseline); momenta restored.
+    The record per BN is its gain sqrt((v_old + eps) / (v_new + eps))."""
+    name = "bn_recal"
+    family = "bn"
+    needs_dense = False
+    needs_bn = True
+
+    def run(self, opts, pruned, dense, chunks):
+        bns = batchnorms(pruned)
+        old_var = {n: (bn.running_var.clone(), bn.eps) for n, bn in bns.items()}
+        momenta = {n: bn.momentum for n, bn in bns.items()}
+        for bn in bns.values():
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        try:
+            with torch.no_grad():
+                for x in chunks:
+                    pruned(x)
+        finally:
+            for n, bn in bns.items():
+                bn.momentum = momenta[n]
+        layers = [{"name": n, "gain": torch.sqrt((old_var[n][0].double() + old_var[n][1]) /
+                                                 (bn.running_var.double() + bn.eps))}
+                  for n, bn in bns.items()]
+        return PassResult("bn_train_pass", 0, 1, layers)
+
+
+@register
+class Layerwise(PairedMethod):
+    """running_mean <- mu_s; g = sqrt(sum_c var_d / sum_c var_s); running_var <- v / g^2."""
+    name = "layerwise"
+    family = "activation_statistics"
+    needs_dense = True
+
+    def update(self, opts, site, m):
+        v = site.bn.running_var.double()
+        g = torch.sqrt(m.var_d.sum() / m.var_s.sum().clamp(min=1e-300))
+        new_var = v / (g * g)
+        kappa = _alive(torch.ones_like(v), m, v)
+        return set_statistics(site, m, new_var, kappa, _gain(kappa, v, new_var, site.bn.eps))
+
+
+@register
+class Channelwise(PairedMethod):
+    """running_mean <- mu_s, running_var <- var_s per channel (sequential recalibration)."""
+    name = "channelwise"
+    family = "activation_statistics"
+    needs_dense = False
+
+    def update(self, opts, site, m):
+        v = site.bn.running_var.double()
+        new_var = m.var_s
+        kappa = _alive(torch.ones_like(v), m, v)
+        return set_statistics(site, m, new_var, kappa, _gain(kappa, v, new_var, site.bn.eps))
+
+
+@register
+class ASR(PairedMethod):
+    """channelwise, then gamma_c <- kappa_c gamma_c, kappa_c in [0, 1] from ``opts.shrinkage``
+    at the BNs ``opts.scope`` selects (kappa = 1 elsewhere); beta unchanged."""
+    name = "asr"
+    family = "activation_statistics"
+    needs_dense = True
+    Options = ASROptions
+
+    def kappa(self, opts: ASROptions, site: BNSite, m: Moments, v: torch.Tensor):
+        """Float64 [C] kappa before dead channels are zeroed."""
+        if opts.scope == "all" or (opts.scope == "branch_end") == site.branch_end:
+            return SHRINKAGE[opts.shrinkage](m, v, site.bn.eps).clamp(0.0, 1.0)
+        return torch.ones_like(v)
+
+    def update(self, opts, site, m):
+        v = site.bn.running_var.double()
+        new_var = m.var_s
+        kappa = _alive(self.kappa(opts, site, m, v), m, v)
+        return set_statistics(site, m, new_var, kappa, _gain(kappa, v, new_var, site.bn.eps),
+                              scale_gamma=True)
+
+
+@register
+class ClippedASR(ASR):
+    """asr, then each live channel's gain relative to the unrepaired BN is clipped into
+    [g_min, g_max] and gamma rescaled to realise it (dead channels keep gain 0)."""
+    name = "clipped_asr"
+    Options = ClippedASROptions
+
+    def update(self, opts, site, m):
+        v, eps = site.bn.running_var.double(), site.bn.eps
+        new_var = m.var_s
+        dead = dead_channels(m, v)
+        kappa = _alive(self.kappa(opts, site, m, v), m, v)
+        gain = _gain(kappa, v, new_var, eps)
+        gain = torch.where(dead, gain, gain.clamp(opts.g_min, opts.g_max))
+        kappa = gain * torch.sqrt((new_var + eps) / (v + eps))
+        return set_statistics(site, m, new_var, kappa, gain, scale_gamma=True)
