@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_repair.regress import format_table
+from sparse_repair.gate import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY_FILE = ROOT / "baselines" / "repair_accuracy.json"
 GPU_BUDGET_FILE = ROOT / "baselines" / "gpu_budgets.json"
 
-VERDICTS: list = []          # regress.Verdict rows for the closing table
+VERDICTS: list = []          # gate.Verdict rows for the closing table
 UPDATES: dict = {}           # regime id -> new baseline entry (written only on request)
 GPU_UPDATES: dict = {}
 

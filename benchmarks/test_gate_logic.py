@@ -1,6 +1,6 @@
 """The gate itself: a doctored measurement must fail with a message naming the regime."""
 
-from sparse_repair.regress import Verdict, classify_regime, compare
+from sparse_repair.gate import Verdict, classify_regime, compare
 
 BASE = {"class": "transition", "tolerance_pt": 0.5,
         "top1": {"none": 10.0, "bn_recal": 15.0, "asr": 30.0, "clipped_asr": 31.0}}
@@ -35,3 +35,17 @@ def test_regime_classes():
     assert classify_regime(81.0, {"bn_recal": 15.0, "asr": 30.0}, 10) == "transition"
     assert classify_regime(81.0, {"bn_recal": 11.0, "asr": 12.0}, 10) == "collapse"
     assert classify_regime(81.0, {"bn_recal": 40.0, "asr": 44.0}, 10) == "degraded"
+
+
+def test_gate_and_study_report_share_one_transition_rule():
+    """A point is a transition regime for the gate exactly when the study report's detector
+    lists it: both call sparse_repair.regime (issue #16: one rule, not three copies)."""
+    from sparse_repair.regime import recovering_repairs
+    from sparse_repair.study.stats import transition_points
+
+    assert recovering_repairs() == ["layerwise", "channelwise", "asr", "clipped_asr"]
+    curve = {0.80: {"bn_recal": 60.0, "asr": 62.0}, 0.90: {"bn_recal": 15.0, "asr": 30.0},
+             0.93: {"bn_recal": 15.0, "clipped_asr": 19.0}, 0.95: {"bn_recal": 11.0, "asr": 12.0},
+             0.97: {"bn_recal": 19.9, "layerwise": 25.0}}
+    gate = [s for s, top1 in curve.items() if classify_regime(81.0, top1, 10) == "transition"]
+    assert gate == transition_points(curve, 10) == [0.90, 0.97]

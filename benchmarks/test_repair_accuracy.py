@@ -10,7 +10,7 @@ from regimes import ALL, REPAIRS, Regime
 from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
 from sparse_repair.data import get_spec
 from sparse_repair.evaluate import evaluate
-from sparse_repair.regress import classify_regime, compare
+from sparse_repair.gate import classify_regime, compare
 from sparse_repair.run import RunConfig, input_resolution, load_dense, run_single
 
 _CACHE: dict[str, dict] = {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ACTIVATION_REPAIRS = ("layerwise", "channelwise", "asr", "clipped_asr")
+from ..regime import RECOVERY_MARGIN_PT, is_transition
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -100,24 +100,17 @@ def paired_diffs(rows: list[dict], field: str, a: str, b: str, by: tuple[str, ..
 
 
 def transition_points(curve: dict[float, dict[str, float]], num_classes: int,
-                      fail: float | None = None, recovery_margin: float = 5.0) -> list[float]:
-    """The sparsities of ``curve`` (sparsity -> {repair: mean top-1}) where bn_recal < fail
-    (default twice chance) while the best activation-statistic repair is >= fail and
-    >= bn_recal + margin, in increasing order."""
-    fail = 2 * 100.0 / num_classes if fail is None else fail
-    hits = []
-    for s in sorted(curve):
-        c = curve[s]
-        acts = [c[r] for r in ACTIVATION_REPAIRS if r in c]
-        if "bn_recal" in c and acts:
-            best = max(acts)
-            if c["bn_recal"] < fail and best >= fail and best >= c["bn_recal"] + recovery_margin:
-                hits.append(s)
-    return hits
+                      fail: float | None = None,
+                      recovery_margin: float = RECOVERY_MARGIN_PT) -> list[float]:
+    """The sparsities of ``curve`` (sparsity -> {repair: mean top-1}) that are transition
+    regimes by `sparse_repair.regime.is_transition` (the gate's rule), in increasing order."""
+    return [s for s in sorted(curve)
+            if is_transition(curve[s], num_classes, fail, recovery_margin)]
 
 
 def transition_interval(curve: dict[float, dict[str, float]], num_classes: int,
-                        fail: float | None = None, recovery_margin: float = 5.0
+                        fail: float | None = None,
+                        recovery_margin: float = RECOVERY_MARGIN_PT
                         ) -> tuple[float, float] | None:
     """(lowest, highest) sparsity of `transition_points`, or None where none qualifies."""
     return span(transition_points(curve, num_classes, fail, recovery_margin))

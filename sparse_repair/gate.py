@@ -1,34 +1,12 @@
-"""Regime classes and baseline comparison for the benchmark suite: pure functions on numbers,
-so the gate itself is unit-tested on doctored measurements.
-
-Regime class rule (stored with each baseline; docs in benchmarks/README.md):
-    chance   = 100 / num_classes;  fail = 2 * chance  (percent top-1)
-    mild       bn_recal >= dense - 5
-    collapse   every repair < fail
-    transition bn_recal < fail, best activation-statistic repair >= fail and >= bn_recal + 5
-    degraded   anything else (bn_recal well below dense but not failing)
-"""
+"""The benchmark gate: compare a regime's measurements with its stored baseline. Pure functions
+on numbers, so the gate itself is unit-tested on doctored measurements (benchmarks/
+test_gate_logic.py). The regime classes are `sparse_repair.regime`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIVATION_REPAIRS = ("layerwise", "channelwise", "asr", "clipped_asr")
-MILD_GAP_PT = 5.0          # bn_recal within this many points of dense -> mild
-RECOVERY_MARGIN_PT = 5.0   # transition: best activation repair this far above bn_recal
-
-
-def classify_regime(dense_top1: float, top1: dict[str, float], num_classes: int) -> str:
-    fail = 2 * 100.0 / num_classes
-    bn = top1["bn_recal"]
-    best_act = max(top1[r] for r in ACTIVATION_REPAIRS if r in top1)
-    if bn >= dense_top1 - MILD_GAP_PT:
-        return "mild"
-    if max(top1.values()) < fail:
-        return "collapse"
-    if bn < fail and best_act >= fail and best_act >= bn + RECOVERY_MARGIN_PT:
-        return "transition"
-    return "degraded"
+from .regime import classify_regime  # noqa: F401  (re-exported for the gate's users)
 
 
 @dataclass
