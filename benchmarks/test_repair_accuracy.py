@@ -9,32 +9,24 @@ from regimes import ALL, REPAIRS, Regime
 
 from conftest import ACCURACY_FILE, ROOT, UPDATES, VERDICTS, assets_present, load_json
 from sparse_repair.data import get_spec
-from sparse_repair.evaluate import evaluate
 from sparse_repair.gate import classify_regime, compare
-from sparse_repair.run import RunConfig, input_resolution, load_dense, run_single
+from sparse_repair.run import RunConfig, run_config
 
 _CACHE: dict[str, dict] = {}
-_DENSE: dict[tuple, tuple] = {}
+_DENSE: dict = {}   # run_config's dense cache: one load and evaluation per checkpoint
 
 
 def measure(r: Regime) -> dict:
-    """The regime as one `sparse_repair.run.run_single` run (what `sparse-repair run` and the
+    """The regime as one `sparse_repair.run.run_config` run (what `sparse-repair run` and the
     study measure): prune once, repair a copy per method on the same calibration images,
     evaluate each. The dense model and its accuracy are shared by regimes of one checkpoint."""
-    if r.id in _CACHE:
-        return _CACHE[r.id]
-    cfg = RunConfig(model=r.model, dataset=r.dataset, allocation=r.allocation,
-                    sparsity=r.sparsity, repairs=list(REPAIRS), calib=r.calib, seed=r.seed,
-                    n_eval=r.n_eval, weights=str(ROOT / r.weights) if r.weights else None,
-                    resolution=r.resolution)
-    key = (r.model, r.weights, r.dataset, r.n_eval, r.resolution)
-    if key not in _DENSE:
-        dense = load_dense(cfg)
-        _DENSE[key] = (dense, evaluate(dense, r.dataset, r.n_eval,
-                                       resolution=input_resolution(cfg))["top1"])
-    dense, dense_top1 = _DENSE[key]
-    rows = run_single(cfg, dense=dense)
-    _CACHE[r.id] = {"dense": dense_top1, "top1": {row["repair"]: row["top1"] for row in rows}}
+    if r.id not in _CACHE:
+        cfg = RunConfig(model=r.model, dataset=r.dataset, allocation=r.allocation,
+                        sparsity=r.sparsity, repairs=list(REPAIRS), calib=r.calib, seed=r.seed,
+                        n_eval=r.n_eval, weights=str(ROOT / r.weights) if r.weights else None,
+                        resolution=r.resolution)
+        rows, dense_top1 = run_config(cfg, _DENSE)
+        _CACHE[r.id] = {"dense": dense_top1, "top1": {row["repair"]: row["top1"] for row in rows}}
     return _CACHE[r.id]
 
 

@@ -9,26 +9,20 @@
 
 Each regime is pruned once; for each calibration seed every variant repairs its own copy from
 the same 1,024 calibration images and is evaluated on the fixed stratified subset of
-cifar10-jpeg (2,000 images by default, `--n-eval full` for all 10,000). Rows are appended to
-`--jsonl` as they finish, so an interrupted run keeps what it measured; the printed table is the
-mean over seeds (± std when there are several).
+`--dataset` (default cifar10; 2,000 images by default, `--n-eval full` for all 10,000). The
+tables in docs/RESULTS.md sections 2-3 were measured with `--dataset cifar10-jpeg`. Rows are
+appended to `--jsonl` as they finish, so an interrupted run keeps what it measured; the printed
+table is the mean over seeds (± std when there are several).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import statistics
-import time
 
-from sparse_repair.allocation import allocate
-from sparse_repair.data import calibration_set
-from sparse_repair.evaluate import evaluate
-from sparse_repair.pruning import prune_
-from sparse_repair.repair import repair
-from sparse_repair.weights import load_pretrained
+from sparse_repair.run import RunConfig, run_config
 
 SHRINK_VARIANTS = [("bn_recal", {}), ("channelwise", {})] + [
     ("asr", {"shrinkage": s, "scope": sc})
@@ -53,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", choices=["shrinkage", "clip"])
     ap.add_argument("--models", default="resnet20,resnet56")
+    ap.add_argument("--dataset", default=RunConfig.dataset)
     ap.add_argument("--allocations", default="erk,lamp")
     ap.add_argument("--sparsities", default="0.9,0.95")
     ap.add_argument("--calib", type=int, default=1024, help="calibration images per seed")
@@ -68,31 +63,29 @@ def main() -> None:
     g_min, g_max = floats(args.g_min), floats(args.g_max)
     n_eval = None if args.n_eval == "full" else int(args.n_eval)
     seeds = [int(s) for s in args.seeds.split(",")]
-    calibs = {seed: calibration_set("cifar10-jpeg", args.calib, seed).to(args.device)
-              for seed in seeds}
+    # Every variant is a labelled repair of one run (sparse_repair.run.RunConfig.repair_options):
+    # the run prunes once and repairs a copy per variant on the same calibration images.
+    labelled = {method + "".join(f" {k}={v}" for k, v in opts.items()): (method, opts)
+                for method, opts in variants(args.kind, g_min, g_max)}
+    options = {label: {"method": m, **o} for label, (m, o) in labelled.items() if label != m}
+    dense_cache: dict = {}
     rows = []
-    for model_name in args.models.split(","):
-        dense = load_pretrained(model_name).to(args.device)
-        for alloc, sp in itertools.product(args.allocations.split(","),
-                                           [float(s) for s in args.sparsities.split(",")]):
-            pruned = copy.deepcopy(dense)
-            prune_(pruned, allocate(pruned, alloc, sp))
-            for seed, (method, opts) in itertools.product(seeds, variants(args.kind, g_min, g_max)):
-                model = copy.deepcopy(pruned)
-                t = time.perf_counter()
-                repair(model, method, calibs[seed], dense=dense, **opts)
-                top1 = evaluate(model, "cifar10-jpeg", n_eval, device=args.device,
-                                batch_size=1000 if args.device != "cpu" else 128)["top1"]
-                label = method + "".join(f" {k}={v}" for k, v in opts.items())
-                row = {"model": model_name, "allocation": alloc, "sparsity": sp, "seed": seed,
-                       "variant": label, "top1": top1, "n_eval": args.n_eval,
-                       "device": args.device, "seconds": time.perf_counter() - t}
-                rows.append(row)
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                print(f"{model_name} {alloc} {sp} seed {seed} {label:<48} {top1:6.2f}",
-                      flush=True)
+    for model_name, alloc, sp, seed in itertools.product(
+            args.models.split(","), args.allocations.split(","),
+            [float(s) for s in args.sparsities.split(",")], seeds):
+        cfg = RunConfig(model=model_name, dataset=args.dataset, allocation=alloc, sparsity=sp,
+                        repairs=list(labelled), repair_options=options, calib=args.calib,
+                        seed=seed, n_eval=n_eval, device=args.device)
+        for r in run_config(cfg, dense_cache)[0]:
+            row = {"model": model_name, "dataset": args.dataset, "allocation": alloc,
+                   "sparsity": sp, "seed": seed, "variant": r["repair"], "top1": r["top1"],
+                   "n_eval": args.n_eval, "device": args.device, "seconds": r["seconds"]}
+            rows.append(row)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(f"{model_name} {alloc} {sp} seed {seed} {r['repair']:<48} {r['top1']:6.2f}",
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
