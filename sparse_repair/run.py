@@ -135,8 +135,8 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     pruned = copy.deepcopy(dense)
     prune_(pruned, allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude))
     achieved = sparsity_report(pruned).total["sparsity"]
-    res = input_resolution(cfg)
-    calib = calibration_set(cfg.dataset, cfg.calib, cfg.seed, resolution=res)
+    resolution = input_resolution(cfg)
+    images = calibration_set(cfg.dataset, cfg.calib, cfg.seed, resolution=resolution)
     # The pool the draw came from (30,000 on the shared CIFAR-10 copy, 50,000 on a full
     # download): a draw from one is a different calibration set than from the other.
     try:
@@ -146,8 +146,9 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     rows = []
     for label, method, opts in cfg.repair_calls():
         model = copy.deepcopy(pruned)
-        report = repair(model, method, calib.to(cfg.device), dense=dense, **opts)
-        acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device, resolution=res)
+        report = repair(model, method, images.to(cfg.device), dense=dense, **opts)
+        acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device,
+                       resolution=resolution)
         rows.append({"repair": label, "method": method, "top1": acc["top1"], "n_eval": acc["n"],
                      "seconds": report.seconds, "passes_dense": report.passes_dense,
                      "passes_pruned": report.passes_pruned, "path": report.path,
@@ -166,12 +167,13 @@ def run_config(cfg: RunConfig, dense_cache: dict | None = None, progress: bool =
 
     ``dense_cache`` (any dict, kept by the caller) holds each dense model and its accuracy, so
     a sweep loads and evaluates one checkpoint once per process."""
-    res = input_resolution(cfg)
-    key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device, res)
+    resolution = input_resolution(cfg)
+    key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device,
+           resolution)
     cache = {} if dense_cache is None else dense_cache
     if key not in cache:
         dense = load_dense(cfg).to(cfg.device)
         cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
-                                      resolution=res)["top1"])
+                                      resolution=resolution)["top1"])
     dense, dense_top1 = cache[key]
     return run_single(cfg, dense=dense, progress=progress), dense_top1
