@@ -39,7 +39,16 @@ class TrainConfig:
 
 
 def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
-    """uint8 batch -> augmented uint8 batch, vectorised (no per-image Python loop for crops)."""
+    """uint8 [n, C, h, w] -> augmented uint8 [n, C, h, w] on x's device. Every random number
+    comes from the CPU generator ``g`` (seeded once per training run), so the seed fixes them.
+
+    imagenette: random-resized-crop, a square of side sqrt(scale) * h with scale uniform in
+    [0.35, 1] at a uniform position, resized back to h x w (bilinear), one image at a time: a
+    Python loop, left as it is because it costs 30-90 ms per 128-image batch at 64 px on one
+    loaded core, 1-3% of a training step (3.3 s: 2,412 s / 740 steps in the committed
+    resnet20-imagenette64 sidecar). Other data sets (CIFAR-like, digits): ``_pad_crop`` with
+    pad max(1, h // 8), per image and vectorised. Then each image is flipped left-right with
+    probability 1/2, one coin per image."""
     n, _, h, w = x.shape
     if dataset == "imagenette":  # random-resized-crop (scale 0.35-1) back to h x w
         scale = torch.empty(n).uniform_(0.35, 1.0, generator=g)
@@ -53,13 +62,29 @@ def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
             out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
         x = out
     else:  # pad 4 (1/8 of the side) and random crop
-        pad = max(1, h // 8)
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=g)
-        x = padded[:, :, int(dy):int(dy) + h, int(dx):int(dx) + w]
+        x = _pad_crop(x, max(1, h // 8), g)
     flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
+
+
+def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """torchvision's ``RandomCrop((h, w), padding=pad)`` (zero fill) applied to each image of
+    a batch independently: uint8 [n, C, h, w] -> uint8 [n, C, h, w] on x's device.
+
+    Image i becomes the window ``padded[i, :, dy_i:dy_i + h, dx_i:dx_i + w]`` of its copy
+    zero-padded by ``pad`` on every side, with dy_i, dx_i drawn uniformly from {0, ..., 2 pad}
+    by ``g`` (as RandomCrop draws its top-left corner), all 2n offsets in one call.
+    Vectorised: ``unfold`` views every h x w window of the padded batch without copying, and
+    one advanced index picks window (dy_i, dx_i) of image i; no loop over images (0.9 ms per
+    128-image 32-px batch on one core, where per-pixel index grids took 3.6 ms)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(x.device)
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)      # [n, C, 2 pad + 1, 2 pad + 1, h, w]
+    # The advanced indices (dims 0, 2, 3) are split by a slice, so their broadcast dim n
+    # comes first: the result is [n, C, h, w].
+    return windows[torch.arange(n, device=x.device), :, dy, dx]
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
