@@ -43,7 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--assets"):
-        os.environ["SPARSE_REPAIR_ASSETS"] = config.getoption("--assets")
+        from sparse_repair.assets import set_asset_root
+
+        set_asset_root(config.getoption("--assets"))
     from sparse_repair.runtime import tune_allocator
 
     tune_allocator()  # a test session is an entry point: same allocator as the CLI

@@ -25,6 +25,23 @@ def asset_root(override: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "sparse_repair"
 
 
+def set_asset_root(path: str | os.PathLike) -> Path:
+    """Make ``path`` the asset root of this process and of every process it starts, and return
+    it as an absolute path (``~`` expanded, symlinks kept).
+
+    The one writer of ``$SPARSE_REPAIR_ASSETS``: the variable, not an argument threaded through
+    every loader, is how the root reaches data and weight loaders, subprocesses, and study
+    workers on Ray or Slurm (which get the driver's root as a task argument and set it here).
+    The path is made absolute because a worker or subprocess may run in another directory.
+    Raises ValueError for an empty path; the directory need not exist yet (a download creates
+    it), and a missing asset is reported by ``require`` when it is looked up."""
+    if not str(path).strip():
+        raise ValueError("empty asset root: pass a directory path")
+    root = Path(path).expanduser().absolute()
+    os.environ[ENV_VAR] = str(root)
+    return root
+
+
 def cache_dir(root: Path | None = None) -> Path:
     """Decoded-image caches live next to the data they came from."""
     path = (root or asset_root()) / "cache"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -16,9 +15,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _apply_assets(args: argparse.Namespace) -> None:
     if getattr(args, "assets", None):
-        from .assets import ENV_VAR
+        from .assets import set_asset_root
 
-        os.environ[ENV_VAR] = args.assets
+        set_asset_root(args.assets)
 
 
 # ----------------------------------------------------------------------------- allocate

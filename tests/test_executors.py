@@ -7,13 +7,13 @@ import functools
 import os
 import sqlite3
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
 from sparse_repair.run import RunConfig
-from sparse_repair.study import executors, runner
+from sparse_repair.study import api, executors
+from sparse_repair.study.cli import format_status
 from sparse_repair.study.executors import ExecutorConfig, ExecutorLost, run_task
 from sparse_repair.study.spec import run_id
 
@@ -50,8 +50,8 @@ allocations = ["erk"]
 
 
 def _run(study: Path, db: Path, executor: str, fn=None, **opts) -> int:
-    args = Namespace(study=str(study), db=str(db), assets=None, executor=executor, **opts)
-    return runner.cmd_run(args, fn=fn)
+    """The study's exit status (0 all done, 1 some run failed), through the Python API."""
+    return api.run(study, db=db, executor=executor, fn=fn, **opts).exit_code
 
 
 def _rows(db: Path) -> list[dict]:
@@ -136,7 +136,7 @@ def test_run_that_keeps_failing_is_recorded_and_sweep_continues(tmp_path, capsys
     with sqlite3.connect(db) as c:
         err = c.execute("SELECT error FROM runs WHERE status='failed'").fetchone()[0]
     assert "Traceback" in err and "no-such-checkpoint.pt" in err, err
-    runner.cmd_status(Namespace(study=str(study), db=str(db)))
+    print(format_status(api.status(study, db=db)))  # what `sparse-repair study status` prints
     out = capsys.readouterr().out
     assert "1 failed" in out and "3 attempts" in out and "no-such-checkpoint.pt" in out, out
     assert "resnet8/digits: worker wall time per run median" in out, \

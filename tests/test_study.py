@@ -83,8 +83,10 @@ def test_resolution_is_part_of_a_run_only_when_set():
 
     # The id scheme before `resolution` existed: sha1 of the sorted config without repairs.
     # An unset resolution must keep those ids, or resuming older studies recomputes every run.
+    # (repair_options came later still and is dropped from the id when empty, likewise.)
     base = RunConfig(model="resnet20", allocation="erk", sparsity=0.9)
-    old = {k: v for k, v in base.__dict__.items() if k not in ("repairs", "resolution")}
+    old = {k: v for k, v in base.__dict__.items()
+           if k not in ("repairs", "resolution", "repair_options")}
     expected = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert run_id(base) == expected, "run ids of existing studies changed"
     assert run_id(base) != run_id(RunConfig(**{**base.__dict__, "resolution": 64})), \
@@ -214,7 +216,7 @@ def test_one_seed_and_constant_differences_give_no_nan():
 
 def test_report_header_states_the_interval_and_refuses_significance_below_five_seeds(
         tmp_path, monkeypatch):
-    from sparse_repair.study import report
+    from sparse_repair.study import report_writer as report
 
     monkeypatch.setattr(report, "_plots", lambda *a, **k: [])  # figures load models: not needed
     study = load_study(_study(tmp_path, sparsities=(0.9,), seeds=range(5), repairs=("asr",)))
@@ -364,3 +366,223 @@ def test_report_end_to_end_on_resnet20(tmp_path):
     r = _cli("report", str(f), "--db", str(db), "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     assert "resnet20" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- store, API, report
+
+def test_study_files_load_without_tomllib(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib; spec.py then uses tomli (a dependency below 3.11)."""
+    pytest.importorskip("tomli", reason="tomli is not installed (a dependency on Python < 3.11 "
+                                        "only); pip install tomli to run this check")
+    import importlib.util
+
+    import sparse_repair.study.spec as spec
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on 3.10
+    # A fresh copy of spec.py rather than importlib.reload: a reload would swap Study and
+    # load_study under every module that imported them, for the rest of the session.
+    found = importlib.util.spec_from_file_location("sparse_repair.study._spec_no_tomllib",
+                                                   spec.__file__)
+    fresh = importlib.util.module_from_spec(found)
+    monkeypatch.setitem(sys.modules, found.name, fresh)  # dataclasses look their module up
+    found.loader.exec_module(fresh)
+    assert fresh.tomllib.__name__ == "tomli", "the fallback parser was not used"
+    assert [r for r, _ in fresh.load_study(_study(tmp_path)).runs] == \
+        [r for r, _ in load_study(_study(tmp_path)).runs], "tomli must expand the same grid"
+
+
+def test_report_cells_equal_stats_cells():
+    from sparse_repair.study.report_writer import cell_table
+    from sparse_repair.study.stats import cells
+
+    rng = np.random.default_rng(0)
+    rows = [{"model": "m", "dataset": "d", "allocation": a, "sparsity": s, "repair": r,
+             "seed": seed, "top1": float(rng.uniform(0, 100))}
+            for a in ("erk", "lamp") for s in (0.8, 0.9) for r in ("asr", "bn_recal")
+            for seed in range(1 if s == 0.8 else 3)]
+    import pandas as pd
+
+    got = cell_table(pd.DataFrame(rows)).to_dict("records")
+    want = cells(rows)
+    assert [{k: g[k] for k in ("model", "dataset", "allocation", "sparsity", "repair", "n")}
+            for g in got] == [{k: w[k] for k in ("model", "dataset", "allocation", "sparsity",
+                                                  "repair", "n")} for w in want]
+    assert np.allclose([g["mean"] for g in got], [w["mean"] for w in want])
+    assert np.allclose([g["std"] for g in got], [w["std"] for w in want]), \
+        "std must be ddof=1 over seeds and 0 for one seed, as stats.cells"
+
+
+def test_set_asset_root_is_absolute_and_refuses_empty(tmp_path, monkeypatch):
+    from sparse_repair.assets import ENV_VAR, asset_root, set_asset_root
+
+    monkeypatch.setenv(ENV_VAR, "unchanged")  # restored after the test
+    monkeypatch.chdir(tmp_path)
+    assert set_asset_root("rel") == tmp_path / "rel" == asset_root(), \
+        "a relative root must reach workers in other directories as an absolute path"
+    with pytest.raises(ValueError, match="empty asset root"):
+        set_asset_root("")
+
+
+def test_new_store_appears_with_its_tables(tmp_path):
+    db = tmp_path / "new.sqlite"
+    Store(db).close()
+    with sqlite3.connect(db) as c:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"results", "runs", "allocation_layers", "repair_layers"}, tables
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("new.sqlite")]
+    assert left == [], f"the temporary file the store is built in was left behind: {left}"
+    Store(db).close()  # opening an existing store keeps it
+
+
+def _run_single_with_layers(real):
+    """run_single as it behaves once its rows carry each repair's per-BN statistics (key
+    "layers": RepairReport.to_dict(with_layers=True)["layers"]), the one-line change to
+    sparse_repair/run.py that issue #16 asks for; here the reports are caught by wrapping the
+    repair call that run_single makes."""
+    import sparse_repair.run as run_mod
+
+    def wrapped(cfg, dense=None, progress=False):
+        reports, real_repair = [], run_mod.repair
+
+        def recording(*a, **k):
+            reports.append(real_repair(*a, **k))
+            return reports[-1]
+
+        run_mod.repair = recording
+        try:
+            rows = real(cfg, dense=dense, progress=progress)
+        finally:
+            run_mod.repair = real_repair
+        for row, rep in zip(rows, reports):
+            row.setdefault("layers", rep.to_dict(with_layers=True)["layers"])
+        return rows
+
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-run digits study (ERK and LAMP at 0.9) run through the Python API, its
+    store holding per-layer allocations and repair statistics."""
+    import sparse_repair.run as run_mod
+    from sparse_repair import study as study_api
+
+    tmp = tmp_path_factory.mktemp("finished")
+    path, db = _study(tmp, sparsities=(0.9,), repairs=("bn_recal", "asr")), tmp / "f.sqlite"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "run_single", _run_single_with_layers(run_mod.run_single))
+        assert study_api.run(path, db=db).exit_code == 0
+    return path, db
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """Loading, allocating, pruning, calibrating or repairing raises: a report must not."""
+    import sparse_repair.allocation
+    import sparse_repair.data
+    import sparse_repair.pruning
+    import sparse_repair.repair
+    import sparse_repair.run
+
+    def forbidden(*a, **k):
+        raise AssertionError("the report re-ran the pipeline")
+
+    for module, name in ((sparse_repair.allocation, "allocate"), (sparse_repair.pruning, "prune_"),
+                         (sparse_repair.repair, "repair"), (sparse_repair.run, "repair"),
+                         (sparse_repair.run, "run_single"), (sparse_repair.run, "load_dense"),
+                         (sparse_repair.data, "calibration_set")):
+        monkeypatch.setattr(module, name, forbidden)
+
+
+def test_store_holds_the_allocation_that_was_pruned(finished):
+    from sparse_repair.allocation import allocate
+    from sparse_repair.run import load_dense
+
+    path, db = finished
+    study = load_study(path)
+    store = Store(db)
+    layers = store.allocation_layers({rid for rid, _ in study.runs})
+    stats = store.repair_layers({rid for rid, _ in study.runs}, repair="asr")
+    for rid, cfg in study.runs:
+        want = allocate(load_dense(cfg), cfg.allocation, cfg.sparsity).to_dict()["layers"]
+        got = layers[rid]
+        assert [(g["name"], g["shape"], g["numel"], g["keep_count"]) for g in got] == \
+            [(w["name"], w["shape"], w["weights"], w["keep"]) for w in want], cfg.allocation
+        assert all(abs(g["density"] - g["keep_count"] / g["numel"]) < 1e-12 for g in got)
+        bns = stats[(rid, "asr")]
+        assert bns and all(len(b["gain"]) == len(b["sd_d"]) == len(b["sd_s"]) for b in bns), \
+            "per-BN statistics of asr must be stored per channel"
+    store.close()
+
+
+def test_report_draws_per_layer_plots_from_the_store_alone(finished, no_pipeline, tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    out = study_api.report(path, tmp_path / "rep", db=db)
+    assert set(out["plots"]) == {"accuracy_resnet8_digits.png", "density_resnet8_0.9.png",
+                                 "damage_resnet8_0.9.png"}, out
+    assert out["skipped"] == [] and out["runs_done"] == out["runs_total"] == 2, out
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "![damage_resnet8_0.9.png](damage_resnet8_0.9.png)" in text
+    assert all((tmp_path / "rep" / p).stat().st_size > 0 for p in out["plots"])
+
+
+# The schema before per-layer data was stored (results and runs only).
+OLD_SCHEMA = """
+CREATE TABLE results (
+    run_id TEXT NOT NULL, repair TEXT NOT NULL,
+    model TEXT, dataset TEXT, allocation TEXT, sparsity REAL, seed INTEGER,
+    top1 REAL, n_eval INTEGER, seconds REAL, passes_dense INTEGER, passes_pruned INTEGER,
+    path TEXT, sparsity_achieved REAL, dense_top1 REAL,
+    config TEXT, env TEXT, created REAL,
+    PRIMARY KEY (run_id, repair));
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, status TEXT NOT NULL, attempts INTEGER DEFAULT 0,
+    error TEXT, config TEXT, updated REAL, wall_s REAL);
+"""
+
+
+def test_old_store_without_per_layer_tables_still_reports(finished, no_pipeline, tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as c:
+        c.executescript(OLD_SCHEMA)
+        c.execute("ATTACH DATABASE ? AS new", (str(db),))
+        c.execute("INSERT INTO results SELECT * FROM new.results")
+        c.execute("INSERT INTO runs SELECT * FROM new.runs")
+    c.close()
+    out = study_api.report(path, tmp_path / "rep", db=old)
+    assert out["plots"] == ["accuracy_resnet8_digits.png"], out
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "- not drawn: per-layer density plot" in text and \
+        "- not drawn: per-channel damage plot" in text, text
+    assert text.count("never re-runs the pipeline") == 2, "each skipped plot must say why"
+    assert "| erk | 0.9 |" in text, "the tables must not depend on per-layer data"
+
+
+def test_python_api_runs_a_study_and_reports_status_without_the_cli(tmp_path):
+    path, db = _study(tmp_path, sparsities=(0.9,)), tmp_path / "api.sqlite"
+    code = f"""
+import json, sys
+from sparse_repair import study
+first = study.run({str(path)!r}, db={str(db)!r})
+again = study.run({str(path)!r}, db={str(db)!r})
+st = study.status({str(path)!r}, db={str(db)!r})
+print(json.dumps({{"first": [first.exit_code, first.ran, first.done_before],
+                  "again": [again.exit_code, again.ran, again.done_before],
+                  "status": [st[k] for k in ("runs_total", "done", "failed", "pending")],
+                  "walls": list(st["wall_s"]),
+                  "cli": [m for m in ("sparse_repair.cli", "sparse_repair.study.cli")
+                          if m in sys.modules]}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["first"] == [0, 2, 0] and got["again"] == [0, 0, 2], got
+    assert got["status"] == [2, 2, 0, 0] and got["walls"] == ["resnet8/digits"], got
+    assert got["cli"] == [], f"the API must not go through the command line: {got['cli']}"

@@ -1,8 +1,11 @@
-"""`sparse-repair study {run,status,report}`."""
+"""`sparse-repair study {run,status,report}`: argparse in, printed text and exit status out.
+Everything else is the study API (``api.py``), which these handlers call."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def add_study_parser(sub) -> None:
@@ -18,7 +21,7 @@ def add_study_parser(sub) -> None:
             _add_executor_options(q)
         if name == "report":
             q.add_argument("--out", required=True)
-        q.set_defaults(func=_dispatch)
+        q.set_defaults(func=HANDLERS[name])
 
 
 def _add_executor_options(q) -> None:
@@ -46,7 +49,55 @@ def _add_executor_options(q) -> None:
                    help="submitit logs and pickles; must be on the shared filesystem")
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from . import runner
+def cmd_run(args: argparse.Namespace) -> int:
+    """0: every run done; 1: some run failed every attempt; 2: the executor went away."""
+    from dataclasses import fields
 
-    return getattr(runner, f"cmd_{args.study_command}")(args)
+    from . import api
+    from .executors import ExecutorConfig, ExecutorLost
+
+    names = {f.name for f in fields(ExecutorConfig)} - {"name"}
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    try:
+        summary = api.run(args.study, db=args.db, executor=args.executor, assets=args.assets,
+                          progress=True, **options)
+    except ExecutorLost as e:
+        print(f"\nstopped: {e}", file=sys.stderr, flush=True)
+        return 2
+    return summary.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import api
+
+    print(format_status(api.status(args.study, db=args.db)))
+    return 0
+
+
+def format_status(st: dict) -> str:
+    """``api.status``'s dict as the text `study status` prints."""
+    lines = [f"study {st['study']}: {st['done']}/{st['runs_total']} runs done, "
+             f"{st['failed']} failed, {st['pending']} pending ({st['db']})"]
+    for model_data, w in st["wall_s"].items():
+        lines.append(f"{model_data}: worker wall time per run median {w['median']:.1f}s "
+                     f"(min {w['min']:.1f}s, max {w['max']:.1f}s, {w['runs']} runs; "
+                     f"total {w['total'] / 3600:.2f} worker-hours)")
+    for f in st["failures"]:
+        lines.append(f"--- failed run {f['run_id']} {f['run'] or '(not in this study file)'}, "
+                     f"{f['attempts']} attempts; last error:\n{_last_error(f['error'])}")
+    return "\n".join(lines)
+
+
+def _last_error(tb: str, lines: int = 6) -> str:
+    """The tail of a traceback (the frames nearest the error and the message)."""
+    return "\n".join(tb.strip().splitlines()[-lines:])
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import api
+
+    print(json.dumps(api.report(args.study, args.out, db=args.db), indent=1))
+    return 0
+
+
+HANDLERS = {"run": cmd_run, "status": cmd_status, "report": cmd_report}

@@ -1,6 +1,6 @@
-"""Where the runs of a study execute. Executors only compute: each run's result rows go back
-to the driver (``runner.cmd_run``), the only process that writes SQLite, so concurrent
-workers can never corrupt the database.
+"""Where the runs of a study execute. Executors only compute: each run's result rows and
+per-layer data go back to the driver (``driver.sweep``), the only process that writes SQLite, so
+concurrent workers can never corrupt the database.
 
     local   in-process, one run after another (default)
     ray     Ray core: one task per run; ``num_gpus`` per task for CUDA studies, else ``num_cpus``;
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..assets import ENV_VAR, asset_root
+from ..assets import asset_root, set_asset_root
 from ..run import RunConfig
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -62,6 +62,8 @@ class Outcome:
     attempts: int                       # submissions of this run in this invocation
     rows: list[dict] | None = None      # on success
     dense_top1: float | None = None
+    allocation: list[dict] | None = None  # per-layer allocation (see `allocation_layers`)
+    repair_layers: dict[str, list[dict]] | None = None  # {repair: per-BN statistics}
     wall_s: float | None = None         # worker wall time of the successful attempt
     error: str | None = None            # on failure: the last attempt's traceback
 
@@ -75,30 +77,61 @@ class Outcome:
 _DENSE: dict = {}   # per worker process: a dense model is loaded and evaluated once
 
 
-def execute_run(cfg: RunConfig, dense_cache: dict) -> tuple[list[dict], float]:
-    """One run (prune once, every repair on its own copy); returns rows and dense top-1."""
+def execute_run(cfg: RunConfig, dense_cache: dict) -> dict:
+    """One run (prune once, every repair on its own copy). Returns {"rows": ``run_single``'s
+    rows without per-layer data, "dense_top1": float, "allocation": `allocation_layers`,
+    "repair_layers": {repair: per-BN statistics} for repairs whose rows carry them}."""
     from ..evaluate import evaluate
     from ..run import input_resolution, load_dense, run_single
 
     res = input_resolution(cfg)
-    key = (cfg.model, cfg.dataset, cfg.weights, cfg.n_eval, cfg.device, res)
+    key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device, res)
     if key not in dense_cache:
         dense = load_dense(cfg).to(cfg.device)
         dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
                                             resolution=res)["top1"])
     dense, dense_top1 = dense_cache[key]
-    return run_single(cfg, dense=dense), dense_top1
+    rows = run_single(cfg, dense=dense)
+    # Per-BN statistics leave the rows: the results table holds one line per repair, the
+    # repair_layers table the statistics (run_single rows carry them under "layers" once
+    # run.py stores each RepairReport's to_dict(with_layers=True)["layers"] there).
+    repair_layers = {r["repair"]: _plain(layers) for r in rows
+                     if (layers := r.pop("layers", None))}
+    return {"rows": rows, "dense_top1": dense_top1,
+            "allocation": allocation_layers(dense, cfg), "repair_layers": repair_layers}
+
+
+def allocation_layers(model, cfg: RunConfig) -> list[dict]:
+    """The run's per-layer allocation, in forward order: [{"name": str, "shape": list[int],
+    "numel": int, "keep_count": int, "density": keep_count / numel}, ...]. Recomputed with the
+    arguments ``run_single`` prunes with (allocations are deterministic, and LAMP's and global
+    magnitude's scores read the same dense weights), so the report can draw per-layer density
+    from the store; cheap next to a run (no forward pass)."""
+    from ..allocation import allocate
+
+    al = allocate(model, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
+    return [{"name": n, "shape": [int(d) for d in sh], "numel": int(s), "keep_count": int(k),
+             "density": float(k) / float(s)}
+            for n, sh, s, k in zip(al.names, al.shapes, al.sizes, al.keep)]
+
+
+def _plain(layers: list[dict]) -> list[dict]:
+    """Per-BN statistics as plain Python (tensors and arrays to lists of float), so they pickle
+    back from any engine and go to JSON in the store."""
+    return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ly.items()}
+            for ly in layers]
 
 
 def run_task(cfg: dict, assets: str) -> dict:
-    """What a worker runs for one run: plain dicts in and out, so any engine can ship it."""
+    """What a worker runs for one run: plain dicts in and out, so any engine can ship it.
+    ``assets`` is the driver's absolute asset root, made this worker's (`set_asset_root`)."""
     from ..runtime import tune_allocator
 
-    os.environ[ENV_VAR] = assets
+    set_asset_root(assets)
     tune_allocator()  # worker processes are entry points too (docs in runtime.py)
     start = time.perf_counter()
-    rows, dense_top1 = execute_run(RunConfig(**cfg), _DENSE)
-    return {"rows": rows, "dense_top1": dense_top1, "wall_s": time.perf_counter() - start}
+    out = execute_run(RunConfig(**cfg), _DENSE)
+    return {**out, "wall_s": time.perf_counter() - start}
 
 
 TaskFn = Callable[[dict, str], dict]
@@ -265,7 +298,10 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
                         continue
                     yield Outcome(rid, cfg, attempts[rid], error=traceback.format_exc())
                     continue
+                # .get: a substituted task function may return no per-layer data
                 yield Outcome(rid, cfg, attempts[rid], rows=res["rows"],
-                              dense_top1=res["dense_top1"], wall_s=res.get("wall_s"))
+                              dense_top1=res["dense_top1"], wall_s=res.get("wall_s"),
+                              allocation=res.get("allocation"),
+                              repair_layers=res.get("repair_layers"))
     finally:
         backend.close()

@@ -24,7 +24,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+; tomli is the same parser
+    import tomli as tomllib
 
 from ..assets import sha256_of
 from ..run import RunConfig

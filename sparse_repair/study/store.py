@@ -1,11 +1,28 @@
 """SQLite result store. One row per (run id, repair); a run's rows are written in one
-transaction, so killing the process loses at most the run in flight."""
+transaction, so killing the process loses at most the run in flight.
+
+Tables:
+
+    results        one row per (run_id, repair): accuracy, timings, resolved config
+    runs           one row per run: status (done/failed), attempts, last error, wall time
+    allocation_layers  one row per (run_id, idx): the run's per-layer allocation in forward
+                   order: layer name, weight shape (JSON list), numel, keep_count, density
+    repair_layers  one row per (run_id, repair, idx): a repair's per-BatchNorm statistics
+                   (``RepairReport.to_dict(with_layers=True)["layers"]``) as JSON
+                   ``{field: list of per-channel floats | float | null}``
+
+The two per-layer tables were added so that ``study report`` draws its per-layer plots from the
+store instead of re-running the pipeline. Stores written before have no rows there (opening
+one adds the empty tables); their reports skip those plots and say why.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 SCHEMA = """
@@ -19,19 +36,43 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, status TEXT NOT NULL, attempts INTEGER DEFAULT 0,
     error TEXT, config TEXT, updated REAL, wall_s REAL);
+CREATE TABLE IF NOT EXISTS allocation_layers (
+    run_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, shape TEXT NOT NULL,
+    numel INTEGER NOT NULL, keep_count INTEGER NOT NULL, density REAL NOT NULL,
+    PRIMARY KEY (run_id, idx));
+CREATE TABLE IF NOT EXISTS repair_layers (
+    run_id TEXT NOT NULL, repair TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    PRIMARY KEY (run_id, repair, idx));
 """
+
+# Per-channel statistics are kept to 6 significant digits: float32 precision is ~7, the plots
+# need ~3, and full float64 reprs would make a 432-run ResNet-20 store ~3x larger.
+_DIGITS = 6
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    """The result store of one study (or several: rows are keyed by run id).
+
+    Opening creates the file and its tables if needed; the file appears with every table in
+    place (built in a temporary file and linked into place), so a reader polling for it, such as
+    the kill-and-resume test, never sees a store without tables. Opening an older store adds the
+    tables and columns it lacks, empty."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            _create_atomically(self.path)
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA)  # older stores: adds the per-layer tables
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "wall_s" not in cols:  # databases written before worker wall times were recorded
             self.db.execute("ALTER TABLE runs ADD COLUMN wall_s REAL")
+
+    def close(self) -> None:
+        self.db.close()
 
     def done(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT run_id FROM runs WHERE status='done'")}
@@ -40,7 +81,13 @@ class Store:
         return dict(self.db.execute("SELECT run_id, error FROM runs WHERE status='failed'"))
 
     def write_run(self, rid: str, rows: list[dict], dense_top1: float, attempts: int = 1,
-                  wall_s: float | None = None) -> None:
+                  wall_s: float | None = None, allocation: list[dict] | None = None,
+                  repair_layers: dict[str, list[dict]] | None = None) -> None:
+        """Write one finished run in one transaction: its result ``rows`` (one per repair, as
+        ``run_single`` returns them), and when given its per-layer ``allocation`` (dicts with
+        name, shape, numel, keep_count, density, in forward order) and ``repair_layers``
+        ({repair label: per-BN dicts of ``RepairReport.to_dict(with_layers=True)``, values
+        plain floats, lists of floats or None}). Rewriting a run replaces all of it."""
         now = time.time()
         with self.db:  # one transaction per run
             for r in rows:
@@ -53,6 +100,20 @@ class Store:
                      r["passes_pruned"], r["path"], r["sparsity_achieved"], dense_top1,
                      json.dumps({**c, "options": r.get("options"),
                                  "train_images": r.get("train_images")}), json.dumps(env), now))
+            if allocation is not None:
+                self.db.execute("DELETE FROM allocation_layers WHERE run_id=?", (rid,))
+                self.db.executemany(
+                    "INSERT INTO allocation_layers VALUES (?,?,?,?,?,?,?)",
+                    [(rid, i, ly["name"], json.dumps([int(d) for d in ly["shape"]]),
+                      int(ly["numel"]), int(ly["keep_count"]), float(ly["density"]))
+                     for i, ly in enumerate(allocation)])
+            if repair_layers is not None:
+                self.db.execute("DELETE FROM repair_layers WHERE run_id=?", (rid,))
+                self.db.executemany(
+                    "INSERT INTO repair_layers VALUES (?,?,?,?,?)",
+                    [(rid, rep, i, ly["name"],
+                      json.dumps({k: _compact(v) for k, v in ly.items() if k != "name"}))
+                     for rep, layers in repair_layers.items() for i, ly in enumerate(layers)])
             self._set_run(rid, "done", attempts, None, rows[0]["config"], now, wall_s)
 
     def write_failure(self, rid: str, config: dict, error: str, attempts: int = 1) -> None:
@@ -93,3 +154,78 @@ class Store:
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
         return [r for r in rows if run_ids is None or r["run_id"] in run_ids]
+
+    def allocation_layers(self, run_ids: Iterable[str]) -> dict[str, list[dict]]:
+        """{run id: [{name, shape (list of int), numel, keep_count, density}, ...] in forward
+        order} for the given runs that have a stored allocation (runs written before the store
+        kept it have none and are absent)."""
+        out: dict[str, list[dict]] = {}
+        for rid, name, shape, numel, keep, density in self._select(
+                "SELECT run_id, name, shape, numel, keep_count, density FROM allocation_layers",
+                run_ids, "run_id, idx"):
+            out.setdefault(rid, []).append({"name": name, "shape": json.loads(shape),
+                                            "numel": numel, "keep_count": keep,
+                                            "density": density})
+        return out
+
+    def repair_layers(self, run_ids: Iterable[str], repair: str | None = None
+                      ) -> dict[tuple[str, str], list[dict]]:
+        """{(run id, repair): [{"name": BN layer, field: value, ...}, ...] in forward order}:
+        each repair's per-BatchNorm statistics (mu_d, sd_d, mu_s, sd_s, rho as per-channel
+        lists of float, kappa and gain per channel or per layer as the method reports them;
+        None where the method has no such statistic), only ``repair`` when given. Runs or
+        repairs without stored statistics are absent."""
+        out: dict[tuple[str, str], list[dict]] = {}
+        extra, params = ("", ()) if repair is None else (" AND repair=?", (repair,))
+        for rid, rep, name, stats in self._select(
+                "SELECT run_id, repair, name, stats FROM repair_layers", run_ids,
+                "run_id, repair, idx", extra, params):
+            out.setdefault((rid, rep), []).append({"name": name, **json.loads(stats)})
+        return out
+
+    def _select(self, sql: str, run_ids: Iterable[str], order: str, extra: str = "",
+                params: tuple = ()) -> list[tuple]:
+        ids = sorted(set(run_ids))
+        rows: list[tuple] = []
+        for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[i:i + 500]
+            rows += self.db.execute(
+                f"{sql} WHERE run_id IN ({','.join('?' * len(chunk))}){extra} ORDER BY {order}",
+                (*chunk, *params)).fetchall()
+        return rows
+
+
+def _create_atomically(path: Path) -> None:
+    """Create the store file with every table already in it: built under a temporary name and
+    hard-linked into place, which fails (and leaves the other store alone) if another process
+    created ``path`` meanwhile. A reader that sees the file therefore always sees the tables;
+    before, a reader polling for the file could open it between its creation and the schema
+    (``no such table: runs``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file header
+        con.executescript(SCHEMA)
+        con.commit()
+    finally:
+        con.close()  # the last connection checkpoints the WAL into the file and removes it
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created the store first: use that one
+    except OSError:  # a filesystem without hard links: rename unless someone was faster
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _compact(v):
+    """A per-layer statistic for JSON: floats to _DIGITS significant digits, lists element
+    by element, None and ints as they are."""
+    if isinstance(v, float):
+        return float(f"{v:.{_DIGITS}g}")
+    if isinstance(v, (list, tuple)):
+        return [_compact(x) for x in v]
+    return v

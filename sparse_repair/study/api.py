@@ -1,0 +1,131 @@
+"""The study API: run, status and report of a study, as plain Python calls.
+
+    from sparse_repair import study
+    summary = study.run("studies/tiny.toml", db="results/tiny.sqlite")   # RunSummary
+    study.status("studies/tiny.toml", db="results/tiny.sqlite")          # dict
+    study.report("studies/tiny.toml", "report/", db="results/tiny.sqlite")  # dict
+
+``sparse-repair study run|status|report`` (``study/cli.py``) is a thin layer over these three.
+A study is a TOML file (``spec.py``) or a loaded ``Study``; its store defaults to
+``results/<study name>.sqlite`` under the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+from .driver import RunSummary, db_path, sweep
+from .executors import ExecutorConfig, TaskFn
+from .spec import Study, load_study
+from .store import Store
+
+__all__ = ["RunSummary", "load", "report", "run", "status"]
+
+StudyLike = str | os.PathLike | Study
+
+
+def load(study: StudyLike) -> Study:
+    """A ``Study`` from a TOML path (or the ``Study`` itself). Raises FileNotFoundError for a
+    missing file and ValueError for a study without models or grid values."""
+    return study if isinstance(study, Study) else load_study(study)
+
+
+def run(study: StudyLike, *, db: str | os.PathLike | None = None,
+        executor: str | ExecutorConfig = "local", assets: str | os.PathLike | None = None,
+        progress: bool = False, fn: TaskFn | None = None, **executor_options) -> RunSummary:
+    """Run (or resume) a study: every run not yet ``done`` in the store is submitted to
+    ``executor`` and written to the store as it finishes, one transaction per run.
+
+    ``executor``: "local" (in this process), "ray" or "slurm", with ``executor_options`` the
+    fields of ``ExecutorConfig`` (retries, cpus_per_task, gpus_per_task, ray_address,
+    slurm_cluster, slurm_partition, slurm_time_min, slurm_parallelism, slurm_folder, poll_s);
+    or an ``ExecutorConfig``. ``assets``: the asset root handed to the workers (default
+    ``$SPARSE_REPAIR_ASSETS``, else ~/.cache/sparse_repair); it must be visible to every
+    worker, and the local executor makes it this process's asset root. ``progress`` prints a
+    line per run and a progress bar; ``fn`` replaces the worker's task (tests inject faults).
+
+    Returns a ``RunSummary`` (runs done before, finished now, failed; ``exit_code``). A run that
+    fails ``1 + retries`` times is recorded as failed and the sweep goes on. Raises
+    FileNotFoundError / ValueError for a bad study file, ValueError for an unknown executor or
+    negative retries, TypeError for an unknown executor option, RuntimeError when the executor's
+    extra (ray, submitit) is not installed, and ``executors.ExecutorLost`` when the executor
+    itself goes away mid-sweep (finished runs are saved; calling again resumes)."""
+    st = load(study)
+    ec = _executor_config(executor, executor_options)
+    store = Store(db_path(st, db))
+    try:
+        return sweep(st, store, ec, assets, fn=fn, progress=progress)
+    finally:
+        store.close()
+
+
+def _executor_config(executor: str | ExecutorConfig, options: dict) -> ExecutorConfig:
+    if isinstance(executor, ExecutorConfig):
+        if options:
+            raise TypeError(f"executor options {sorted(options)} given with an ExecutorConfig; "
+                            f"set them on the ExecutorConfig instead")
+        return executor
+    valid = {f.name for f in fields(ExecutorConfig)} - {"name"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"unknown executor option(s) {unknown}; valid: {sorted(valid)}")
+    return ExecutorConfig(name=executor, **options)
+
+
+def status(study: StudyLike, db: str | os.PathLike | None = None) -> dict:
+    """Progress of a study in its store, counting only the runs the study expands to.
+
+    Returns {"study": name, "db": path, "runs_total", "done", "failed", "pending": int,
+    "wall_s": {"model/dataset": {"runs": int, "median", "min", "max", "total": seconds}}
+    (worker wall time of this study's done runs; median is the upper middle value for an even
+    count), "failures": [{"run_id", "run": "model/dataset allocation S=.. seed .." or None for
+    a run not in this study file, "attempts": int, "error": traceback}] (every failed run in the
+    store)}. Raises FileNotFoundError / ValueError for a bad study file."""
+    st = load(study)
+    store = Store(db_path(st, db))
+    try:
+        done, failed, attempts = store.done(), store.failed(), store.attempts()
+        ids = [rid for rid, _ in st.runs]
+        walls = {}
+        for model_data, w in sorted(store.wall_times(set(ids)).items()):
+            w = sorted(w)
+            walls[model_data] = {"runs": len(w), "median": w[len(w) // 2], "min": w[0],
+                                 "max": w[-1], "total": sum(w)}
+        configs = dict(st.runs)
+        failures = []
+        for rid, err in failed.items():
+            cfg = configs.get(rid)
+            failures.append({
+                "run_id": rid, "attempts": attempts.get(rid, 0), "error": err,
+                "run": f"{cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} seed "
+                       f"{cfg.seed}" if cfg else None})
+        return {"study": st.name, "db": str(store.path), "runs_total": len(ids),
+                "done": sum(r in done for r in ids), "failed": sum(r in failed for r in ids),
+                "pending": sum(r not in done and r not in failed for r in ids),
+                "wall_s": walls, "failures": failures}
+    finally:
+        store.close()
+
+
+def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | None = None
+           ) -> dict:
+    """Write the study's report to the folder ``out`` from its store alone (nothing is
+    loaded, pruned or repaired): ``report.md``, ``cells.csv``, ``differences.csv`` and, with
+    matplotlib, PNG + SVG plots; a study still running is reported as far as it got.
+
+    Returns {"report": path of report.md, "plots": [png names], "skipped": [why a plot was
+    not drawn, e.g. a store written before per-layer data was kept], "runs_done",
+    "runs_total": int, "transition": {"model/dataset/allocation": (lo, hi) or None}}.
+    Raises FileNotFoundError / ValueError for a bad study file and ImportError (naming the
+    `plot` extra) when pandas is not installed."""
+    from .report_writer import write_report  # pandas and matplotlib: only needed here
+
+    st = load(study)
+    store = Store(db_path(st, db))
+    try:
+        ids = {rid for rid, _ in st.runs}
+        return write_report(st, store.rows(ids), Path(out), store=store)
+    finally:
+        store.close()

@@ -1,0 +1,388 @@
+"""Study report, from the result store alone: markdown and CSV tables (pandas), paired
+differences, transition regimes, and plots (matplotlib; pandas and matplotlib are the `plot`
+extra). Nothing here loads, prunes or repairs a model: the per-layer plots read the per-layer
+tables of the store (``store.py``), and a store without them gets a report that says which
+plots it lacks and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import pandas as pd
+except ImportError as e:  # pragma: no cover - the `plot` extra is installed in CI
+    raise ImportError("the study report needs pandas: pip install 'sparse-repair[plot]'") from e
+
+from .spec import Study
+from .stats import (
+    MIN_SEEDS_FOR_SIGNIFICANCE,
+    describe_interval,
+    paired_diffs,
+    span,
+    transition_points,
+)
+
+FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
+RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
+LEVEL = 0.95               # coverage of the paired t-intervals (CSV keys ci95_lo / ci95_hi)
+
+# What an interval and a "*" mean, printed in every report so a reader need not look it up.
+INTERVALS_NOTE = (
+    f"Intervals: {LEVEL:.0%} paired t-interval over calibration seeds of the mean difference "
+    f"(scipy.stats.t, n-1 degrees of freedom); p = two-sided paired t-test of mean 0; "
+    f"* = interval excludes 0, only flagged with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds; "
+    f"n/a = one seed, no interval.")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    """A number for the markdown tables; None (no interval or test at one seed) as "n/a"."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def _significance_note(diffs) -> list[str]:
+    """Header lines saying which differences cannot be flagged for too few seeds, and why."""
+    few = [d for d in diffs if d.n < MIN_SEEDS_FOR_SIGNIFICANCE]
+    if not few:
+        return []
+    ns = "/".join(map(str, sorted({d.n for d in few})))
+    why = ("at 3 seeds a percentile bootstrap interval is [min, max] of the differences, i.e. a "
+           "sign test at p = 0.25, and a t-interval rests on a standard deviation with 2 "
+           "degrees of freedom; intervals and p-values are shown, unflagged")
+    if len(few) == len(diffs):
+        return [f"**Significance is not flagged: {ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} "
+                f"needed** ({why})", ""]
+    return [f"**Significance is not flagged for {len(few)} of {len(diffs)} differences: "
+            f"{ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed** ({why})", ""]
+
+
+CELL_KEYS = ["model", "dataset", "allocation", "sparsity", "repair"]
+DIFF_COLUMNS = ["group", "difference", "mean", "ci95_lo", "ci95_hi", "p_value", "n_seeds",
+                "significant"]
+# Columns write_report reads from a result row (what Store.rows returns has them all).
+ROW_COLUMNS = [*CELL_KEYS, "seed", "top1", "dense_top1", "run_id"]
+
+
+def cell_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Top-1 over seeds per cell: a frame with columns model, dataset, allocation, sparsity,
+    repair (str/float keys, sorted), mean, std (float; ddof=1, 0 for one seed) and n (int).
+    Same numbers as ``stats.cells``, which works on lists of dicts."""
+    out = rows.groupby(CELL_KEYS, sort=True)["top1"].agg(mean="mean", std="std", n="count")
+    out = out.reset_index()
+    out["std"] = out["std"].fillna(0.0)  # one seed: no spread (pandas gives NaN for ddof=1)
+    return out
+
+
+def _md_table(df: pd.DataFrame) -> list[str]:
+    """A pipe table of ``df``'s cells as strings (pandas' own to_markdown needs tabulate)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return lines
+
+
+def _num_classes(dataset: str) -> int:
+    from ..data import get_spec
+
+    return get_spec(dataset).num_classes
+
+
+def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
+    """Write ``report.md``, ``cells.csv``, ``differences.csv`` and plots for ``rows`` (result
+    rows of ``study``'s runs, as ``Store.rows`` returns them) into the folder ``out``.
+
+    ``store`` (a ``Store``) supplies the per-layer data of the per-layer plots; without it, or
+    for runs without stored per-layer data, those plots are skipped and the report says why.
+    Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition"} as
+    ``api.report`` documents."""
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
+    cells = cell_table(df)
+    cells.to_csv(out / "cells.csv", index=False)
+    alloc_diffs = paired_diffs(rows, "allocation", "lamp", "erk",
+                               ("model", "dataset", "sparsity", "repair"), LEVEL)
+    repair_diffs = paired_diffs(rows, "repair", "asr", "bn_recal",
+                                ("model", "dataset", "allocation", "sparsity"), LEVEL)
+    diffs = alloc_diffs + repair_diffs
+    # ci95_lo / ci95_hi / p_value are empty in the CSV where one seed gives no interval.
+    diff_table = pd.DataFrame(
+        [{"group": "/".join(map(str, d.key)), "difference": d.label, "mean": d.mean,
+          "ci95_lo": d.lo, "ci95_hi": d.hi, "p_value": d.p, "n_seeds": d.n,
+          "significant": d.significant} for d in diffs], columns=DIFF_COLUMNS)
+    diff_table.to_csv(out / "differences.csv", index=False)
+
+    dense = df.groupby(["model", "dataset"])["dense_top1"].last().to_dict()
+    curves: dict[tuple, dict[float, dict[str, float]]] = {}
+    for key, g in cells.groupby(["model", "dataset", "allocation"], sort=True):
+        wide = g.pivot(index="sparsity", columns="repair", values="mean")
+        curves[key] = {float(s): {r: float(v) for r, v in row.items() if pd.notna(v)}
+                       for s, row in wide.iterrows()}
+    regimes, hits = {}, {}
+    for key, curve in curves.items():
+        k = _num_classes(key[1])
+        hits[key] = transition_points(curve, k, FAIL_FACTOR * 100.0 / k, RECOVERY_MARGIN_PT)
+        regimes[key] = span(hits[key])
+
+    runs_done, runs_total = int(df["run_id"].nunique()), len(study.runs)
+    md = [f"# Study `{study.name}`", "",
+          f"{len(rows)} result rows from `{study.path}`; every cell also in `cells.csv`.", "",
+          INTERVALS_NOTE, ""]
+    md += _significance_note(diffs)
+    if runs_done < runs_total:
+        # A report of a sweep in progress is useful, but must not pass for the finished one.
+        md += [f"**Incomplete: {runs_done} of {runs_total} runs done.** Missing cells, cells "
+               f"with n below the study's seed count and the transition regimes are provisional; "
+               f"resume with `sparse-repair study run {study.path}`.", ""]
+    md += _accuracy_tables(cells, dense, _repair_order(study, cells))
+    md += ["", f"## Paired differences (mean over calibration seeds; {LEVEL:.0%} paired "
+           f"t-interval; p = paired t-test; * = interval excludes 0 with >= "
+           f"{MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
+    md += _md_table(pd.DataFrame({
+        "group": diff_table["group"], "difference": diff_table["difference"],
+        "mean": [f"{d.mean:+.2f}" for d in diffs],
+        f"{LEVEL:.0%} t-interval": [
+            "n/a" if d.lo is None else
+            f"[{d.lo:+.2f}, {d.hi:+.2f}]{' *' if d.significant else ''}" for d in diffs],
+        "p": [_fmt(d.p, ".3g") for d in diffs], "n": diff_table["n_seeds"]}))
+    md += ["", f"## Preferred allocation (only where LAMP - ERK is significant: {LEVEL:.0%} "
+           f"t-interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
+    md += _preferred(alloc_diffs)
+    md += ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; best activation "
+           f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
+    for key in regimes:
+        md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
+    skipped: list[str] = []
+    plots = _plots(study, cells, dense, regimes, out, df=df, store=store, skipped=skipped)
+    if plots or skipped:
+        md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+        md += [""] * bool(plots and skipped) + [f"- not drawn: {why}" for why in skipped]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return {"report": str(out / "report.md"), "plots": plots, "skipped": skipped,
+            "runs_done": runs_done, "runs_total": runs_total,
+            "transition": {"/".join(k): v for k, v in regimes.items()}}
+
+
+def _preferred(alloc_diffs) -> list[str]:
+    """The preferred allocation per group where LAMP - ERK is significant, and why the others
+    are not listed: too few seeds to flag (see `MIN_SEEDS_FOR_SIGNIFICANCE`) or an interval
+    that includes 0."""
+    prefs = [f"- {'/'.join(map(str, d.key))}: **{'lamp' if d.mean > 0 else 'erk'}** "
+             f"({d.mean:+.2f} pt, p = {_fmt(d.p, '.3g')}, n = {d.n})"
+             for d in alloc_diffs if d.significant]
+    few = [d for d in alloc_diffs if d.n < MIN_SEEDS_FOR_SIGNIFICANCE]
+    enough = len(alloc_diffs) - len(few)
+    if few:
+        ns = "/".join(map(str, sorted({d.n for d in few})))
+        which = "every LAMP - ERK group has" if not enough else \
+            f"{len(few)} of {len(alloc_diffs)} LAMP - ERK groups have"
+        prefs.append(f"- {'nothing flagged' if not enough else 'not considered'}: {which} {ns} "
+                     f"seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed for a significance flag; "
+                     f"read the intervals above instead")
+    if enough and not any(d.significant for d in alloc_diffs):
+        prefs.append(f"- none significant: the {LEVEL:.0%} t-interval includes 0 in every "
+                     f"group with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds")
+    return prefs or ["- no LAMP - ERK pairs in these rows"]
+
+
+def _repair_order(study: Study, cells: pd.DataFrame) -> list[str]:
+    """Repairs in the order the study file lists them (the reader's order), then any others."""
+    listed = [r for _, cfg in study.runs for r in cfg.repairs]
+    present = set(cells["repair"])
+    return [r for r in dict.fromkeys(listed) if r in present] + \
+        sorted(present - set(listed))
+
+
+def _accuracy_tables(cells: pd.DataFrame, dense: dict, repairs: list[str]) -> list[str]:
+    """One table per (model, data set): a row per (allocation, sparsity), a column per repair,
+    cells mean ± std over seeds; n is the number of seeds behind the row's cells."""
+    md = []
+    for (model, dataset), sel in cells.groupby(["model", "dataset"], sort=True):
+        text = sel.assign(cell=[f"{m:.2f} ± {s:.2f}" for m, s in zip(sel["mean"], sel["std"])])
+        table = (text.pivot(index=["allocation", "sparsity"], columns="repair", values="cell")
+                 .reindex(columns=repairs).astype(object).fillna("-").sort_index())
+        table["n"] = sel.groupby(["allocation", "sparsity"])["n"].agg(
+            lambda n: "/".join(map(str, sorted(set(n)))))
+        md += [f"## Accuracy: {model} on {dataset} (top-1 %, mean ± std over seeds; dense "
+               f"{dense[(model, dataset)]:.2f})", ""]
+        md += _md_table(table.reset_index()) + [""]
+    return md[:-1]
+
+
+def _plots(study: Study, cells: pd.DataFrame, dense: dict, regimes: dict, out: Path,
+           df: pd.DataFrame | None = None, store=None, skipped: list[str] | None = None
+           ) -> list[str]:
+    """Draw the accuracy plots and the per-layer plots; return the PNG names. Reasons for plots
+    not drawn are appended to ``skipped``."""
+    skipped = [] if skipped is None else skipped
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: install the `plot` extra for figures", flush=True)
+        skipped.append("every plot: matplotlib is not installed (install the `plot` extra)")
+        return []
+    files = []
+    from matplotlib.lines import Line2D
+
+    for (model, dataset), sel in cells.groupby(["model", "dataset"], sort=True):
+        fig, ax = plt.subplots(figsize=(9.0, 4.8))
+        repairs = sorted(set(sel["repair"]))
+        allocs = sorted(set(sel["allocation"]), key=_alloc_order)
+        colors = {r: f"C{i}" for i, r in enumerate(repairs)}  # colour = repair
+        styles = {a: _ALLOC_STYLE.get(a, ":") for a in allocs}  # line style = allocation
+        for (alloc, rep), pts in sel.groupby(["allocation", "repair"], sort=True):
+            pts = pts.sort_values("sparsity")
+            ax.errorbar(pts["sparsity"], pts["mean"], yerr=pts["std"],
+                        linestyle=styles[alloc], marker="o", ms=3, lw=1.2,
+                        capsize=2, color=colors[rep])
+        ax.axhline(dense[(model, dataset)], color="k", lw=0.8)
+        ax.set_ylim(0, min(100, dense[(model, dataset)] + 5))
+        shaded = []
+        for i, alloc in enumerate(allocs):
+            iv = regimes.get((model, dataset, alloc))
+            if iv:
+                ax.axvspan(iv[0] - 0.002, iv[1] + 0.002, color=f"C{i + len(repairs)}",
+                           alpha=0.15)
+                shaded.append(alloc)
+        ax.set_xlabel("global sparsity (pruned fraction)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{model} on {dataset}: label-free repair vs sparsity")
+        # Two small legends outside the axes (repair by colour, allocation by line style)
+        # instead of one entry per line: 4 allocations x 6 repairs hid the curves.
+        rep_leg = ax.legend([Line2D([], [], color=colors[r], marker="o", ms=3) for r in repairs]
+                            + [Line2D([], [], color="k", lw=0.8)],
+                            repairs + ["dense"], title="repair", fontsize=7, title_fontsize=7,
+                            loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.add_artist(rep_leg)
+        ax.legend([Line2D([], [], color="0.3", linestyle=styles[a]) for a in allocs]
+                  + [plt.Rectangle((0, 0), 1, 1, color=f"C{allocs.index(a) + len(repairs)}",
+                                   alpha=0.15) for a in shaded],
+                  allocs + [f"transition ({a})" for a in shaded], title="allocation",
+                  fontsize=7, title_fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))
+        fig.tight_layout()
+        files += _save(fig, out, f"accuracy_{model}_{dataset}")
+        plt.close(fig)
+    if df is not None:
+        files += _layer_plots(study, df, out, plt, store, skipped)
+    return files
+
+
+# ERK solid and LAMP dashed (the paper's pair), then the others; unknown allocations dotted.
+_ALLOC_STYLE = {"erk": "-", "lamp": "--", "uniform": ":", "global_magnitude": "-.",
+                "uniform_plus": (0, (5, 1, 1, 1)), "er": (0, (1, 3))}
+
+
+def _alloc_order(alloc: str) -> tuple:
+    return (list(_ALLOC_STYLE).index(alloc) if alloc in _ALLOC_STYLE else len(_ALLOC_STYLE),
+            alloc)
+
+
+def _save(fig, out: Path, stem: str) -> list[str]:
+    fig.savefig(out / f"{stem}.png", dpi=130)
+    fig.savefig(out / f"{stem}.svg")
+    return [f"{stem}.png"]
+
+
+# The repair whose gains the damage plot shows: the first of these the study ran. All four
+# record dense and pruned per-channel sd (bn_recal does not).
+_DAMAGE_REPAIRS = ("asr", "clipped_asr", "channelwise", "layerwise")
+
+# Said when a store has no per-layer data for a run: why, and what would give it (never a
+# re-run from the report).
+_NO_LAYER_DATA = ("the store holds none for these runs (runs written before the store kept "
+                  "per-layer data have none; the report reads the store only and never re-runs "
+                  "the pipeline: run the study into a new --db to get this plot)")
+
+
+_NO_REPAIR_STATS = ("the store has this run's allocation but no per-BN repair statistics: "
+                    "they are stored only when the rows of sparse_repair.run.run_single carry "
+                    "each repair's RepairReport layers (key \"layers\"); the report never "
+                    "re-runs the pipeline")
+
+
+def _layer_plots(study: Study, df: pd.DataFrame, out: Path, plt, store, skipped: list[str]
+                 ) -> list[str]:
+    """Per-layer density of each allocation, and the per-channel damage (pruned / dense sd) with
+    an activation repair's gains, for the study's first model at its finished sparsity nearest
+    0.9 (the lowest seed's run of each allocation), from the store's per-layer tables."""
+    _, cfg = study.runs[0]
+    sel = df[(df["model"] == cfg.model) & (df["dataset"] == cfg.dataset)]
+    if store is None or sel.empty:
+        skipped.append("per-layer plots: " + ("no result store was given" if store is None else
+                                              f"no finished run of {cfg.model}/{cfg.dataset}"))
+        return []
+    sparsity = float(min(set(sel["sparsity"]), key=lambda s: abs(s - 0.9)))
+    first = (sel[sel["sparsity"] == sparsity].sort_values(["seed", "run_id"])
+             .groupby("allocation", sort=False)[["run_id", "seed"]].first())
+    runs = {a: (first.loc[a, "run_id"], int(first.loc[a, "seed"]))
+            for a in sorted(first.index, key=_alloc_order)}
+    where = f"{cfg.model} at sparsity {sparsity}"
+    files = []
+
+    layers = store.allocation_layers({rid for rid, _ in runs.values()})
+    allocs = {a: pd.DataFrame(layers[rid]) for a, (rid, _) in runs.items() if rid in layers}
+    if not allocs:
+        skipped.append(f"per-layer density plot ({where}): {_NO_LAYER_DATA}")
+    else:
+        names = next(iter(allocs.values()))["name"].tolist()
+        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 4))
+        x = np.arange(len(names))
+        width = 0.8 / len(allocs)
+        for i, (a, t) in enumerate(allocs.items()):
+            density = t.set_index("name")["density"].reindex(names)
+            ax.bar(x + (i - (len(allocs) - 1) / 2) * width, density, width=width, label=a)
+        ax.set_xticks(x, names, rotation=90, fontsize=6)
+        ax.set_ylabel("density (kept fraction)")
+        ax.set_xlabel("layer (forward order)")
+        ax.set_title(f"{cfg.model}: per-layer density at global sparsity {sparsity}")
+        ax.legend()
+        fig.tight_layout()
+        files += _save(fig, out, f"density_{cfg.model}_{sparsity}")
+        plt.close(fig)
+
+    wanted = [r for r in _DAMAGE_REPAIRS if r in set(sel["repair"])]
+    if not wanted:
+        skipped.append(f"per-channel damage plot ({where}): the study has none of the "
+                       f"activation-statistic repairs {', '.join(_DAMAGE_REPAIRS)}")
+        return files
+    alloc = "erk" if "erk" in runs else next(iter(runs))
+    rid, seed = runs[alloc]
+    stored = store.repair_layers({rid})
+    found = [(r, [ly for ly in stored.get((rid, r), []) if ly.get("sd_d") is not None])
+             for r in wanted]
+    found = [(r, ly) for r, ly in found if ly]
+    if not found:
+        # A run with a stored allocation was written by this version: its repair statistics are
+        # missing because run_single's rows did not carry them, not because the store is old.
+        why = _NO_REPAIR_STATS if rid in layers else _NO_LAYER_DATA
+        skipped.append(f"per-channel damage plot ({where}, {alloc}, seed {seed}): per-BN "
+                       f"statistics of {' / '.join(wanted)}: {why}")
+        return files
+    rep, bns = found[0]
+    width = max(len(ly["sd_d"]) for ly in bns)
+    ratio = np.full((len(bns), width), np.nan)
+    gain = np.full((len(bns), width), np.nan)
+    for i, ly in enumerate(bns):
+        sd_d = np.maximum(np.asarray(ly["sd_d"], dtype=float), 1e-12)
+        ratio[i, : len(sd_d)] = np.asarray(ly["sd_s"], dtype=float) / sd_d
+        if ly.get("gain") is not None:  # per channel, or one per layer for a layer-wise gain
+            gain[i, : len(sd_d)] = np.broadcast_to(np.asarray(ly["gain"], dtype=float),
+                                                   sd_d.shape)
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(4, 0.2 * len(bns))))
+    for ax, data, title, cmap in (
+            (axes[0], np.log10(np.clip(ratio, 1e-3, None)), "log10(pruned sd / dense sd)", "RdBu"),
+            (axes[1], np.log10(np.clip(gain, 1e-3, None)), f"log10({rep} channel gain)",
+             "viridis")):
+        im = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_yticks(range(len(bns)), [ly["name"] for ly in bns], fontsize=6)
+        ax.set_xlabel("channel")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{cfg.model}, {alloc} at sparsity {sparsity} (seed {seed}): per-channel "
+                 f"damage and {rep} gain")
+    fig.tight_layout()
+    files += _save(fig, out, f"damage_{cfg.model}_{sparsity}")
+    plt.close(fig)
+    return files
