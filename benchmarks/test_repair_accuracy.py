@@ -25,7 +25,7 @@ def measure(r: Regime) -> dict:
                         sparsity=r.sparsity, repairs=list(REPAIRS), calib=r.calib, seed=r.seed,
                         n_eval=r.n_eval, weights=str(ROOT / r.weights) if r.weights else None,
                         resolution=r.resolution)
-        rows, dense_top1 = run_config(cfg, _DENSE)
+        rows, dense_top1, _ = run_config(cfg, _DENSE)
         _CACHE[r.id] = {"dense": dense_top1, "top1": {row["repair"]: row["top1"] for row in rows}}
     return _CACHE[r.id]
 

@@ -32,12 +32,17 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from .weights import load_checkpoint_into
 
         load_checkpoint_into(model, args.weights)
-    alloc = allocate(model, args.method, args.sparsity, exclude=args.exclude)
+    # min_keep: the per-layer floor of allocate(); 0 unless the parser offers --min-keep.
+    min_keep = getattr(args, "min_keep", 0) or 0
+    alloc = allocate(model, args.method, args.sparsity, exclude=args.exclude, min_keep=min_keep)
     masks = prune_(model, alloc)
     report = sparsity_report(model, masks)
     if args.json:
-        print(json.dumps({"config": vars(args), "layers": list(report), "total": report.total},
-                         indent=1, default=str))
+        # Layer collapse is part of every allocation JSON: per layer ("collapsed": bool), in
+        # "total" and at the top, so a script cannot miss a layer left with zero weights.
+        print(json.dumps({"config": vars(args), "min_keep": min_keep,
+                          "collapsed": alloc.collapsed, "layers": list(report),
+                          "total": report.total}, indent=1, default=str))
     else:
         print(f"# {args.model}  method={args.method}  target sparsity={args.sparsity}")
         print(report)
@@ -71,18 +76,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import get_spec, load_split
 
         load_split(args.dataset, get_spec(args.dataset).splits[1], download=True)
-    res = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
-                   device=args.device, resolution=resolution, progress=not args.json)
-    res["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    result = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
+                      device=args.device, resolution=resolution, progress=not args.json)
+    result["config"] = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
-        print(json.dumps(res, indent=1))
+        print(json.dumps(result, indent=1))
     else:
-        extra = f"  top-5 {res['top5']:.2f}%" if "top5" in res else ""
-        which = f"full {res['split']} split" if res["subset"] == "full" else \
-            f"stratified subset of the {res['split']} split"
-        print(f"{args.model} on {args.dataset} ({which}, {res['n']} images): "
-              f"top-1 {res['top1']:.2f}%"
-              f"{extra}  [{res['images_per_s']:.0f} images/s]")
+        extra = f"  top-5 {result['top5']:.2f}%" if "top5" in result else ""
+        which = f"full {result['split']} split" if result["subset"] == "full" else \
+            f"stratified subset of the {result['split']} split"
+        print(f"{args.model} on {args.dataset} ({which}, {result['n']} images): "
+              f"top-1 {result['top1']:.2f}%"
+              f"{extra}  [{result['images_per_s']:.0f} images/s]")
     return 0
 
 
@@ -90,7 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunConfig, run_config
 
     cfg = RunConfig.from_dict(_config_values(args, RunConfig))
-    rows, dense_top1 = run_config(cfg, progress=not args.json)
+    rows, dense_top1, _ = run_config(cfg, progress=not args.json)
+    for r in rows:  # per-BN channel statistics: the study store keeps them, the CLI does not
+        r.pop("layers")
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import platform
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 
@@ -129,11 +130,36 @@ def environment(device: str) -> dict:
     return {"torch": torch.__version__, "device_name": name, "python": platform.python_version()}
 
 
+class RunResult(NamedTuple):
+    """What ``run_config`` returns: one row per repair (``run_single``), the dense model's top-1
+    (percent) on the same evaluation images, and the run's per-layer allocation
+    (``allocation_table``)."""
+    rows: list[dict]
+    dense_top1: float
+    allocation: list[dict]
+
+
+def allocation_table(alloc) -> list[dict]:
+    """A run's per-layer allocation in forward order: [{"name": str, "shape": list[int],
+    "numel": int, "keep_count": int, "density": keep_count / numel}, ...]."""
+    return [{"name": n, "shape": [int(d) for d in sh], "numel": int(size), "keep_count": int(k),
+             "density": float(k) / float(size)}
+            for n, sh, size, k in zip(alloc.names, alloc.shapes, alloc.sizes, alloc.keep)]
+
+
 def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: bool = False
                ) -> list[dict]:
+    """Prune ``dense`` once by ``cfg``, repair a copy per entry of ``cfg.repairs`` on the same
+    calibration images, evaluate each: one row (dict) per repair, with the repair's per-BN
+    statistics under "layers" (``RepairReport.to_dict(with_layers=True)``)."""
+    return _run(cfg, dense, progress)[0]
+
+
+def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
     dense = (dense or load_dense(cfg)).to(cfg.device).eval()
     pruned = copy.deepcopy(dense)
-    prune_(pruned, allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude))
+    alloc = allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
+    prune_(pruned, alloc)
     achieved = sparsity_report(pruned).total["sparsity"]
     resolution = input_resolution(cfg)
     images = calibration_set(cfg.dataset, cfg.calib, cfg.seed, resolution=resolution)
@@ -154,16 +180,17 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
                      "passes_pruned": report.passes_pruned, "path": report.path,
                      "options": report.options, "sparsity_achieved": achieved,
                      "train_images": train_images,
+                     "layers": report.to_dict(with_layers=True)["layers"],
                      "config": asdict(cfg), **environment(cfg.device)})
         if progress:
             print(f"  {label:<12} top-1 {acc['top1']:.2f}%  ({report.seconds:.2f}s)", flush=True)
-    return rows
+    return rows, alloc
 
 
 def run_config(cfg: RunConfig, dense_cache: dict | None = None, progress: bool = False
-               ) -> tuple[list[dict], float]:
+               ) -> RunResult:
     """One configuration, as the CLI, the study workers, the benchmark gate and the scripts run
-    it: (rows of ``run_single``, dense top-1 in percent on the same evaluation images).
+    it (``RunResult``: rows, dense top-1, per-layer allocation).
 
     ``dense_cache`` (any dict, kept by the caller) holds each dense model and its accuracy, so
     a sweep loads and evaluates one checkpoint once per process."""
@@ -176,4 +203,5 @@ def run_config(cfg: RunConfig, dense_cache: dict | None = None, progress: bool =
         cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
                                       resolution=resolution)["top1"])
     dense, dense_top1 = cache[key]
-    return run_single(cfg, dense=dense, progress=progress), dense_top1
+    rows, alloc = _run(cfg, dense, progress)
+    return RunResult(rows, dense_top1, allocation_table(alloc))

@@ -586,3 +586,18 @@ print(json.dumps({{"first": [first.exit_code, first.ran, first.done_before],
     assert got["first"] == [0, 2, 0] and got["again"] == [0, 0, 2], got
     assert got["status"] == [2, 2, 0, 0] and got["walls"] == ["resnet8/digits"], got
     assert got["cli"] == [], f"the API must not go through the command line: {got['cli']}"
+
+
+def test_study_file_with_an_unknown_key_is_refused_naming_the_valid_ones(tmp_path):
+    """Study files are built through RunConfig.from_dict: a typo is an error, not a default."""
+    study = tmp_path / "typo.toml"
+    study.write_text('seeds = [0]\nallocations = ["erk"]\nsparsities = [0.9]\n'
+                     'repairs = ["none"]\ncalibration = 512\n\n[[models]]\nmodel = "resnet8"\n'
+                     'dataset = "digits"\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'calibration' at top level; "
+                                         r"valid keys: name, models, seeds"):
+        load_study(study)
+    study.write_text(study.read_text().replace("calibration = 512\n", "") +
+                     'repair_option = {}\n')
+    with pytest.raises(ValueError, match=r"'repair_option' at \[\[models\]\] resnet8"):
+        load_study(study)

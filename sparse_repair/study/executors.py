@@ -62,7 +62,7 @@ class Outcome:
     attempts: int                       # submissions of this run in this invocation
     rows: list[dict] | None = None      # on success
     dense_top1: float | None = None
-    allocation: list[dict] | None = None  # per-layer allocation (see `allocation_layers`)
+    allocation: list[dict] | None = None  # per-layer allocation (`run.allocation_table`)
     repair_layers: dict[str, list[dict]] | None = None  # {repair: per-BN statistics}
     wall_s: float | None = None         # worker wall time of the successful attempt
     error: str | None = None            # on failure: the last attempt's traceback
@@ -79,40 +79,18 @@ _DENSE: dict = {}   # per worker process: a dense model is loaded and evaluated 
 
 def execute_run(cfg: RunConfig, dense_cache: dict) -> dict:
     """One run (prune once, every repair on its own copy). Returns {"rows": ``run_single``'s
-    rows without per-layer data, "dense_top1": float, "allocation": `allocation_layers`,
+    rows without per-layer data, "dense_top1": float, "allocation": `run.allocation_table`,
     "repair_layers": {repair: per-BN statistics} for repairs whose rows carry them}."""
-    from ..evaluate import evaluate
-    from ..run import input_resolution, load_dense, run_single
+    from ..run import run_config
 
-    res = input_resolution(cfg)
-    key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device, res)
-    if key not in dense_cache:
-        dense = load_dense(cfg).to(cfg.device)
-        dense_cache[key] = (dense, evaluate(dense, cfg.dataset, cfg.n_eval, device=cfg.device,
-                                            resolution=res)["top1"])
-    dense, dense_top1 = dense_cache[key]
-    rows = run_single(cfg, dense=dense)
+    rows, dense_top1, allocation = run_config(cfg, dense_cache)
     # Per-BN statistics leave the rows: the results table holds one line per repair, the
     # repair_layers table the statistics (run_single rows carry them under "layers" once
     # run.py stores each RepairReport's to_dict(with_layers=True)["layers"] there).
     repair_layers = {r["repair"]: _plain(layers) for r in rows
                      if (layers := r.pop("layers", None))}
     return {"rows": rows, "dense_top1": dense_top1,
-            "allocation": allocation_layers(dense, cfg), "repair_layers": repair_layers}
-
-
-def allocation_layers(model, cfg: RunConfig) -> list[dict]:
-    """The run's per-layer allocation, in forward order: [{"name": str, "shape": list[int],
-    "numel": int, "keep_count": int, "density": keep_count / numel}, ...]. Recomputed with the
-    arguments ``run_single`` prunes with (allocations are deterministic, and LAMP's and global
-    magnitude's scores read the same dense weights), so the report can draw per-layer density
-    from the store; cheap next to a run (no forward pass)."""
-    from ..allocation import allocate
-
-    al = allocate(model, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
-    return [{"name": n, "shape": [int(d) for d in sh], "numel": int(s), "keep_count": int(k),
-             "density": float(k) / float(s)}
-            for n, sh, s, k in zip(al.names, al.shapes, al.sizes, al.keep)]
+            "allocation": allocation, "repair_layers": repair_layers}
 
 
 def _plain(layers: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ Relative weight paths are resolved against the working directory, then the study
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -31,9 +32,6 @@ except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+; tomli is the same 
 
 from ..assets import sha256_of
 from ..run import RunConfig
-
-SHARED_KEYS = ("calib", "n_eval", "device", "seeds", "allocations", "sparsities", "repairs",
-               "shrinkage")
 
 
 @dataclass
@@ -79,33 +77,52 @@ def _resolve_weights(w: str | None, base: Path) -> str | None:
     return str((base / p).resolve()) if (base / p).exists() else str(p)
 
 
+# The grid axes a study sweeps (lists); every other key is a RunConfig setting, its default
+# RunConfig's own (the one source of run defaults), overridable per [[models]] table.
+SWEEP_KEYS = {"seeds": "seed", "allocations": "allocation", "sparsities": "sparsity"}
+STUDY_KEYS = ("name", "models")
+
+
+def _valid_keys() -> list[str]:
+    swept = set(SWEEP_KEYS.values())
+    return [*STUDY_KEYS, *SWEEP_KEYS,
+            *(f.name for f in dataclasses.fields(RunConfig) if f.name not in swept)]
+
+
 def load_study(path: str | Path) -> Study:
+    """Expand a study file into runs. Raises FileNotFoundError for a missing file and
+    ValueError for a study without models or grid axes, or with a key that is neither a
+    study key, a grid axis nor a RunConfig setting (the message names the valid keys)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study file not found: {path}")
     raw = tomllib.loads(path.read_text())
     if not raw.get("models"):
         raise ValueError(f"{path}: a study needs at least one [[models]] table")
+    valid = _valid_keys()
+    for where, table in [("top level", raw)] + [(f"[[models]] {m.get('model')}", m)
+                                                for m in raw["models"]]:
+        unknown = sorted(set(table) - set(valid) - ({"models"} if table is raw else set()))
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} at "
+                             f"{where}; valid keys: {', '.join(valid)}")
     name = raw.get("name", path.stem)
     runs = []
     for m in raw["models"]:
-        opt = {k: m.get(k, raw.get(k)) for k in SHARED_KEYS}
-        missing = [k for k in ("seeds", "allocations", "sparsities", "repairs") if not opt[k]]
-        if missing:
-            raise ValueError(f"{path}: model {m.get('model')} has no {missing}")
-        n_eval = opt["n_eval"] if opt["n_eval"] is not None else 2000
-        for alloc in opt["allocations"]:
-            for sp in opt["sparsities"]:
-                for seed in opt["seeds"]:
-                    cfg = RunConfig(
-                        model=m["model"], dataset=m.get("dataset", RunConfig.dataset),
-                        allocation=alloc, sparsity=float(sp), repairs=list(opt["repairs"]),
-                        calib=int(opt["calib"] or 1024), seed=int(seed),
-                        n_eval=None if n_eval in ("full", "all") else int(n_eval),
-                        device=opt["device"] or "cpu",
-                        weights=_resolve_weights(m.get("weights"), path.parent),
-                        pretrained=bool(m.get("pretrained", not m.get("weights"))),
-                        shrinkage=opt["shrinkage"], exclude=list(m.get("exclude", [])),
-                        resolution=m.get("resolution"))
+        merged = {k: v for k, v in raw.items() if k not in STUDY_KEYS}
+        merged.update({k: v for k, v in m.items() if k not in STUDY_KEYS})
+        missing = [k for k in (*SWEEP_KEYS, "repairs") if not merged.get(k)]
+        if missing or "model" not in merged:
+            raise ValueError(f"{path}: model {m.get('model')} has no {missing or ['model']}")
+        axes = {k: merged.pop(k) for k in SWEEP_KEYS}
+        if merged.get("n_eval") in ("full", "all"):
+            merged["n_eval"] = None
+        merged["weights"] = _resolve_weights(merged.get("weights"), path.parent)
+        merged.setdefault("pretrained", not merged["weights"])
+        for alloc in axes["allocations"]:
+            for sp in axes["sparsities"]:
+                for seed in axes["seeds"]:
+                    cfg = RunConfig.from_dict({**merged, "allocation": alloc,
+                                               "sparsity": float(sp), "seed": int(seed)})
                     runs.append((run_id(cfg), cfg))
     return Study(name, path, runs, raw)
