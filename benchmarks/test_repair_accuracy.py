@@ -13,6 +13,8 @@ from sparse_repair.gate import classify_regime, compare
 from sparse_repair.run import RunConfig, run_config
 
 _CACHE: dict[str, dict] = {}
+# Where a data set lives under the asset root, where its folder is not named after it.
+_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _DENSE: dict = {}   # run_config's dense cache: one load and evaluation per checkpoint
 
 
@@ -51,7 +53,7 @@ def pytest_generate_tests(metafunc):
 @torch.inference_mode(False)
 def test_regime_against_baseline(regime: Regime, update_baselines: bool):
     need_weights = regime.weights is None  # published weights live under the asset root
-    if regime.needs_assets and not (assets_present(regime.dataset)
+    if regime.needs_assets and not (assets_present(_FOLDERS.get(regime.dataset, regime.dataset))
                                     and (assets_present("weights") or not need_weights)):
         pytest.skip(f"{regime.dataset}{' and weights' if need_weights else ''} not under the "
                     "asset root: set SPARSE_REPAIR_ASSETS (../shared/assets/unpack.sh .assets)")
