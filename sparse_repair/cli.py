@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"sparse-repair: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an optional dependency (the message names the extra)
+        print(f"sparse-repair: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,3 +72,15 @@ def test_run_with_a_labelled_variant(capsys):
     assert [(r["repair"], r["method"]) for r in rows] == [("bn_recal", "bn_recal"),
                                                           ("asr_pooled", "asr")]
     assert rows[1]["options"]["shrinkage"] == "pooled"
+
+
+def test_missing_optional_dependency_is_one_clear_error(monkeypatch, capsys):
+    import sys
+
+    from sparse_repair import data as D
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    D._MEMO.clear()
+    assert main(["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS]) == 2
+    assert "pip install" in capsys.readouterr().err
