@@ -242,9 +242,9 @@ needs_assets = pytest.mark.skipif(
            "(../shared/assets/unpack.sh .assets)")
 
 
+_ROOT_ENV = os.environ.get("SPARSE_REPAIR_ASSETS")
 needs_cifar10 = pytest.mark.skipif(
-    not (os.environ.get("SPARSE_REPAIR_ASSETS") and
-         (Path(os.environ["SPARSE_REPAIR_ASSETS"]) / "cifar-10-batches-py" / "test_batch").exists()),
+    not (_ROOT_ENV and (Path(_ROOT_ENV) / "cifar-10-batches-py" / "test_batch").exists()),
     reason="set SPARSE_REPAIR_ASSETS to an asset root holding cifar-10-batches-py and weights "
            "(../shared/assets/unpack.sh .assets)")
 
