@@ -53,13 +53,22 @@ def test_onepass_and_rerun_paths_agree(pair, method):
 
 
 def test_bn_recal_equals_update_bn(pair):
+    """update_bn over the whole set as one batch is an exact train-mode recalibration (over
+    three batches it would average per-batch statistics, issue #18: up to 0.3% off here). The
+    first BN agrees to rounding; each later BN differs by the train-mode normalisation with the
+    biased variance, relative 1 / n for n values per channel: 1 / (96 * 8 * 8) = 1.6e-4 in
+    layer3 (measured largest 1.7e-4)."""
     _, pruned, calib = pair
     ours, ref = copy.deepcopy(pruned), copy.deepcopy(pruned)
     repair(ours, "bn_recal", calib, chunk_size=32)
-    torch.optim.swa_utils.update_bn([calib[i:i + 32] for i in range(0, 96, 32)], ref)
+    torch.optim.swa_utils.update_bn([calib], ref)
+    want = _bn_params(ref)
     for k, v in _bn_params(ours).items():
         if "running" in k:
-            assert torch.allclose(v, _bn_params(ref)[k], rtol=1e-5, atol=1e-6), k
+            rtol = 1e-5 if k.startswith("bn1.") else 5e-4
+            # a mean's rounding is relative to its channel's spread, not to the mean itself
+            scale = want[k].abs() + (want[k[:-4] + "var"].sqrt() if k.endswith("mean") else 0)
+            assert ((v - want[k]).abs() <= rtol * scale + 1e-7).all(), k
 
 
 def test_bn_recal_keeps_dropout_off():

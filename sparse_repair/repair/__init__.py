@@ -6,13 +6,15 @@ cannot reach it. Definitions (docs/repair.md): BatchNorm layers of P are process
 order; at BN b with dense running statistics (m, v) and affine (gamma, beta), channel c of b's
 input has dense/pruned means mu_d, mu_s, variances var_d, var_s and correlation rho.
 
-Layout: ``api`` (repair, RepairReport, input checks), ``methods`` (one class per method, its
-options dataclass and metadata; the registry REPAIRS and list_repairs), ``engine`` (paired
-execution, path choice and fallback), ``stats`` (moments and shrinkage rules).
+Layout: ``api`` (repair, RepairReport, input and model checks, the all-or-nothing guarantee),
+``methods`` (one class per method, its options dataclass and metadata; the registry REPAIRS and
+list_repairs), ``engine`` (BN plan, model snapshots, paired execution, path choice and
+fallback), ``stats`` (moments and shrinkage rules). What is supported and refused:
+docs/repair.md.
 """
 
-from .api import RepairReport, as_image_tensor, repair
-from .engine import BNSite, FrontierTooLarge, PassResult
+from .api import RepairReport, as_image_tensor, check_dense, check_model, repair
+from .engine import BNPlan, BNSite, FrontierTooLarge, ModelState, PassResult, plan_batchnorms
 from .methods import (
     REPAIRS,
     ASROptions,
@@ -29,17 +31,22 @@ from .methods import (
 __all__ = [
     "REPAIRS",
     "ASROptions",
+    "BNPlan",
     "BNSite",
     "ClippedASROptions",
     "EngineOptions",
     "FrontierTooLarge",
+    "ModelState",
     "NoOptions",
     "PairedMethod",
     "PassResult",
     "RepairMethod",
     "RepairReport",
     "as_image_tensor",
+    "check_dense",
+    "check_model",
     "list_repairs",
+    "plan_batchnorms",
     "register",
     "repair",
     "set_statistics",
