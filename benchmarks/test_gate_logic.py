@@ -43,7 +43,9 @@ def test_gate_and_study_report_share_one_transition_rule():
     from sparse_repair.regime import recovering_repairs
     from sparse_repair.study.stats import transition_points
 
-    assert recovering_repairs() == ["layerwise", "channelwise", "asr", "clipped_asr"]
+    # issue #17: reconstruction counts as a repair that can recover where bn_recal fails
+    assert recovering_repairs() == ["layerwise", "channelwise", "asr", "clipped_asr",
+                                    "reconstruct"]
     curve = {0.80: {"bn_recal": 60.0, "asr": 62.0}, 0.90: {"bn_recal": 15.0, "asr": 30.0},
              0.93: {"bn_recal": 15.0, "clipped_asr": 19.0}, 0.95: {"bn_recal": 11.0, "asr": 12.0},
              0.97: {"bn_recal": 19.9, "layerwise": 25.0}}
