@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from .stats import Moments, centred_chunk_moments, chunk_moments, concat, merge, reshift
+from .moments import Moments, centred_chunk_moments, chunk_moments, concat, merge, reshift
 
 OnBN = Callable[[str, _BatchNorm, Moments], None]
 

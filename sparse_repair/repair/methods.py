@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .engine import PATHS, BNPlan, BNSite, PassResult, run_paired
-from .stats import SHRINKAGE, Moments, dead_channels
+from .moments import SHRINKAGE, Moments, dead_channels
 
 # ----------------------------------------------------------------------------- options
 

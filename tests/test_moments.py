@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_repair.repair.stats import chunk_moments, concat, reshift
+from sparse_repair.repair.moments import chunk_moments, concat, reshift
 
 FIELDS = ("s1_s", "s2_s", "s1_d", "s2_d", "s_ds")
 
