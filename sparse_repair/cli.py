@@ -32,8 +32,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from .weights import load_checkpoint_into
 
         load_checkpoint_into(model, args.weights)
-    # min_keep: the per-layer floor of allocate(); 0 unless the parser offers --min-keep.
-    min_keep = getattr(args, "min_keep", 0) or 0
+    min_keep = args.min_keep
     alloc = allocate(model, args.method, args.sparsity, exclude=args.exclude, min_keep=min_keep)
     masks = prune_(model, alloc)
     report = sparsity_report(model, masks)
@@ -185,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="erk")
     p.add_argument("--sparsity", type=float, required=True, help="pruned fraction in [0, 1)")
     p.add_argument("--exclude", action="append", default=[], help="layer name kept dense")
+    p.add_argument("--min-keep", type=int, default=0, metavar="K",
+                   help="keep at least K weights in every layer that is not excluded (K=1 "
+                        "prevents layer collapse: a layer left with zero weights); the total "
+                        "pruned count stays exactly round(sparsity * N) (default: 0)")
     p.add_argument("--weights", default=None, help="checkpoint to prune instead of random init")
     p.add_argument("--num-classes", type=int, default=10)
     _add_common(p)

@@ -84,3 +84,24 @@ def test_missing_optional_dependency_is_one_clear_error(monkeypatch, capsys):
     D._MEMO.clear()
     assert main(["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS]) == 2
     assert "pip install" in capsys.readouterr().err
+
+
+def test_allocate_min_keep_flag_removes_layer_collapse_and_keeps_the_total(capsys):
+    """`--min-keep K` reaches allocate(min_keep=K): on the digits ResNet-8 at 0.999, global
+    magnitude empties 4 layers; with --min-keep 1 none is empty and the total is unchanged."""
+    args = ["allocate", "--model", "resnet8", "--weights", DIGITS, "--method",
+            "global_magnitude", "--sparsity", "0.999", "--json"]
+    with pytest.warns(UserWarning, match="keeps 0 weights in 4 layer"):
+        assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["min_keep"] == 0
+    assert plain["collapsed"] == ["layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv1",
+                                  "layer3.0.conv2"]
+    assert main(args + ["--min-keep", "1"]) == 0
+    floored = json.loads(capsys.readouterr().out)
+    assert floored["min_keep"] == 1 and floored["collapsed"] == []
+    assert all(layer["kept"] >= 1 for layer in floored["layers"])
+    assert floored["total"]["kept"] == plain["total"]["kept"] == 75  # 74800 - round(.999 N)
+    assert main(args + ["--min-keep", "-1"]) == 2
+    assert "min_keep must be >= 0" in capsys.readouterr().err
+    assert "--min-keep" in _subparser("allocate").format_help()
