@@ -21,8 +21,17 @@ def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *
 
     ``n=None`` (or n >= the split's size) evaluates the whole split and reports
     subset="full"; otherwise the fixed class-stratified subset of ``stratified_indices``
-    (seed 0) and subset="stratified". The model is put in eval mode and on ``device``."""
+    (seed 0) and subset="stratified". The model is put in eval mode and on ``device``.
+
+    Raises weights.CheckpointError (a ValueError) before any image is read when the model
+    cannot fit the data set (``weights.check_weights_fit``: NaN/Inf weights, another class
+    count, weights trained on other labels or at another resolution): a silent 10% is not a
+    result."""
+    from .weights import check_weights_fit
+
     spec = get_spec(dataset)
+    check_weights_fit(model, dataset, spec.num_classes,
+                      resolution if resolution is not None else spec.default_resolution)
     images, labels = load_split(dataset, split or spec.splits[1], resolution)
     idx = torch.from_numpy(stratified_indices(labels, n))
     model = model.to(device).eval()
@@ -65,3 +74,52 @@ def forward_seconds(model: nn.Module, images: torch.Tensor, chunk_size: int = 25
         model(chunk)
     synchronize(device)
     return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- label-free scores
+# Scores of a pruned (and repaired) model against its dense parent on unlabeled images: what
+# ``sparse_repair.select`` chooses by and what run rows record when RunConfig.scoring > 0. No
+# label is read here: the dense model's own predictions are the reference.
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
+                   ) -> torch.Tensor:
+    """The model's logits on ``images`` (float [N, C, H, W], already normalized, on the model's
+    device), in eval mode: float32 [N, num_classes] on the CPU. The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(chunk).float().cpu() for chunk in torch.split(images, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[str, float]:
+    """How closely a pruned model follows its dense parent on the same images, without labels.
+
+    Args:
+        logits, dense_logits: float [N, K], the pruned and the dense model's logits on the same
+            N images in the same order (``predict_logits``).
+    Returns:
+        {"agreement": percent of images whose top-1 class equals the dense model's (0-100,
+        higher is better), "kl": mean over images of KL(p_dense || p_pruned) in nats (>= 0,
+        lower is better; the distillation objective of Hinton et al. 2015, so a pruned model
+        scores well only where it reproduces the dense model's full softmax, not just its
+        argmax)}. Computed in float64.
+    Raises:
+        ValueError: shapes differ, are not [N, K] with N >= 1, or a logit is NaN/Inf (a
+            collapsed model is scored as such by the caller, never as NaN).
+    """
+    if logits.shape != dense_logits.shape or logits.dim() != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be two [N, K] tensors of the same shape with N >= 1, got "
+                         f"{tuple(logits.shape)} and {tuple(dense_logits.shape)}")
+    for name, t in (("logits", logits), ("dense_logits", dense_logits)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contain NaN or Inf; the model's forward pass is not finite "
+                             f"on these images (check its weights with torch.isfinite)")
+    logp = torch.log_softmax(logits.double(), dim=1)
+    logq = torch.log_softmax(dense_logits.double(), dim=1)
+    kl = (logq.exp() * (logq - logp)).sum(1).mean()
+    agree = (logits.argmax(1) == dense_logits.argmax(1)).double().mean()
+    return {"agreement": 100.0 * float(agree), "kl": float(kl)}

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 
 from .allocation import allocate
-from .data import calibration_set, get_spec, train_split_size
-from .evaluate import evaluate
+from .data import calibration_set, get_spec, scoring_set, train_split_size
+from .evaluate import evaluate, label_free_scores, predict_logits
 from .pruning import prune_, sparsity_report
 from .repair import list_repairs, repair
 
@@ -43,6 +43,10 @@ class RunConfig:
                               "registered method names, or labels defined in repair_options")
     calib: int = _opt(1024, "calibration images (unlabeled, seeded draw from the train split)")
     seed: int = _opt(0, "draws the calibration images; masks do not depend on it")
+    scoring: int = _opt(0, "unlabeled scoring images (the tail of the calibration seed's "
+                           "train-split permutation, disjoint from the calibration images): each "
+                           "row then records the repaired model's label-free agreement and KL "
+                           "with the dense model (sparse_repair.select); 0 = off")
     n_eval: int | None = _opt(2000, "stratified evaluation subset size; None = full split")
     device: str = _opt("cpu", "torch device")
     weights: str | None = _opt(None, "checkpoint file; else the published weights")
@@ -169,13 +173,22 @@ def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
         train_images = train_split_size(cfg.dataset)
     except FileNotFoundError:  # a cached draw on a machine without the train split
         train_images = None
+    scoring = dense_scoring_logits = None
+    if cfg.scoring:
+        scoring = scoring_set(cfg.dataset, cfg.scoring, cfg.seed, calib=cfg.calib,
+                              resolution=resolution).to(cfg.device)
+        dense_scoring_logits = predict_logits(dense, scoring)
     rows = []
     for label, method, opts in cfg.repair_calls():
         model = copy.deepcopy(pruned)
         report = repair(model, method, images.to(cfg.device), dense=dense, **opts)
         acc = evaluate(model, cfg.dataset, cfg.n_eval, device=cfg.device,
                        resolution=resolution)
+        scores = {"agreement": None, "kl": None}
+        if scoring is not None:
+            scores = label_free_scores(predict_logits(model, scoring), dense_scoring_logits)
         rows.append({"repair": label, "method": method, "top1": acc["top1"], "n_eval": acc["n"],
+                     **scores, "collapsed": alloc.collapsed,
                      "seconds": report.seconds, "passes_dense": report.passes_dense,
                      "passes_pruned": report.passes_pruned, "path": report.path,
                      "options": report.options, "sparsity_achieved": achieved,

@@ -280,3 +280,23 @@ def test_pretrained_resnet20_accuracy_matches_stored_value():
     want = stored["cifar10-jpeg"]["resnet20"]["stratified2000"]
     assert abs(got - want) <= stored["tolerance_pt"], \
         f"resnet20 on the stratified 2,000 subset: {got:.2f}% vs stored {want:.2f}%"
+
+
+def test_scoring_set_is_disjoint_from_the_calibration_set_and_checked(asset_root):
+    """The scoring images of sparse_repair.select are the tail of the calibration seed's
+    permutation: never a calibration image, never a test image, and a size that would make the
+    two overlap is refused."""
+    _write_cifar10(asset_root, batches=(1, 2, 3), n=20)  # 60 training images, all distinct
+    calib = D.calibration_set("cifar10", n=40, seed=3)
+    score = D.scoring_set("cifar10", n=20, seed=3, calib=40)
+    assert score.shape == (20, 3, 32, 32) and score.dtype == torch.float32
+    together = torch.cat([calib, score]).flatten(1)
+    assert len(torch.unique(together, dim=0)) == 60, "scoring and calibration images overlap"
+    test, _ = D.load_split("cifar10", "test")
+    test = D.normalize(test, "cifar10").flatten(1)
+    assert not (score.flatten(1)[:, None] == test[None]).all(-1).any(), "a test image was drawn"
+    with pytest.raises(ValueError, match="would overlap"):
+        D.scoring_set("cifar10", n=21, seed=3, calib=40)
+    with pytest.raises(ValueError, match="scoring size"):
+        D.scoring_set("cifar10", n=0, seed=3, calib=40)
+    assert torch.equal(score, D.scoring_set("cifar10", n=20, seed=3, calib=40)), "not seeded"

@@ -83,14 +83,16 @@ def test_resolution_is_part_of_a_run_only_when_set():
 
     # The id scheme before `resolution` existed: sha1 of the sorted config without repairs.
     # An unset resolution must keep those ids, or resuming older studies recomputes every run.
-    # (repair_options came later still and is dropped from the id when empty, likewise.)
+    # (repair_options and scoring came later still and are dropped from the id when empty/0.)
     base = RunConfig(model="resnet20", allocation="erk", sparsity=0.9)
     old = {k: v for k, v in base.__dict__.items()
-           if k not in ("repairs", "resolution", "repair_options")}
+           if k not in ("repairs", "resolution", "repair_options", "scoring")}
     expected = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert run_id(base) == expected, "run ids of existing studies changed"
     assert run_id(base) != run_id(RunConfig(**{**base.__dict__, "resolution": 64})), \
         "a run at another input resolution is another run"
+    assert run_id(base) != run_id(RunConfig(**{**base.__dict__, "scoring": 1000})), \
+        "a run that records label-free scores has other rows, so it is another run"
 
 
 def test_input_resolution_comes_from_the_checkpoint_sidecar():
@@ -551,7 +553,9 @@ def test_old_store_without_per_layer_tables_still_reports(finished, no_pipeline,
     with sqlite3.connect(old) as c:
         c.executescript(OLD_SCHEMA)
         c.execute("ATTACH DATABASE ? AS new", (str(db),))
-        c.execute("INSERT INTO results SELECT * FROM new.results")
+        # The old table has the columns of its day: copy those (the new store has more).
+        old_cols = [r[1] for r in c.execute("PRAGMA table_info(results)")]
+        c.execute(f"INSERT INTO results SELECT {', '.join(old_cols)} FROM new.results")
         c.execute("INSERT INTO runs SELECT * FROM new.runs")
     c.close()
     out = study_api.report(path, tmp_path / "rep", db=old)

@@ -5,7 +5,8 @@ The implementation lives in three modules, read in this order:
 - ``datasets``: the registry (``DATASETS``, ``get_spec``), the source of each format, and the
   size of the train split present (``train_split_size``);
 - ``splits``: whole splits decoded once and cached (``load_split``), ``normalize``;
-- ``subsets``: ``stratified_indices`` for evaluation and ``calibration_set``.
+- ``subsets``: ``stratified_indices`` for evaluation, ``calibration_set`` and the disjoint
+  ``scoring_set`` (label-free selection).
 
 This module re-exports their public names, and the module-level caches that tests clear
 (``_MEMO``, ``_TRAIN_SIZE``, ``_WARNED``: the same objects, so clearing them here clears them
@@ -27,7 +28,7 @@ from .datasets import (
 )
 from .splits import _MEMO as _MEMO
 from .splits import load_split, normalize
-from .subsets import calibration_set, stratified_indices
+from .subsets import calibration_set, scoring_set, stratified_indices
 
 __all__ = [
     "DATASETS",
@@ -40,6 +41,7 @@ __all__ = [
     "list_datasets",
     "load_split",
     "normalize",
+    "scoring_set",
     "stratified_indices",
     "train_split_size",
 ]

@@ -48,6 +48,38 @@ def calibration_set(dataset: str, n: int = 1024, seed: int = 0, *,
     depends on the size of the train split present (see ``train_split_size``).
     Raises ValueError for n outside [1, train split size], AssetMissingError when neither the
     train split nor a cached draw is under the asset root."""
+    return _train_draw(dataset, n, seed, resolution, "calib")
+
+
+def scoring_set(dataset: str, n: int = 1000, seed: int = 0, *, calib: int = 1024,
+                resolution: int | None = None) -> torch.Tensor:
+    """n unlabeled training images for label-free scoring (``sparse_repair.select``),
+    disjoint from ``calibration_set(dataset, calib, seed)``: float32 [n, 3, H, W], normalized.
+    No labels leave this function, and the test split is never touched.
+
+    The draw is the *tail* of the same seeded permutation whose head is the calibration set,
+    ``torch.randperm(train_split_size(dataset), generator=seed)[-n:]``, so the two are disjoint
+    by construction whenever calib + n <= the train split size (checked). Scoring on the
+    calibration images themselves would reward a repair for fitting them (reconstruct solves a
+    least-squares problem on exactly those inputs).
+    Raises ValueError for n < 1 or calib + n above the train split size; AssetMissingError as
+    ``calibration_set``."""
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
+        raise ValueError(f"calib must be the calibration size (an int >= 0), got {calib!r}")
+    try:
+        pool = train_split_size(dataset)
+    except AssetMissingError:
+        pool = None  # a cached draw may still exist; _train_draw decides
+    if pool is not None and n >= 1 and calib + n > pool:
+        raise ValueError(f"{calib} calibration + {n} scoring images exceed the {pool} images of "
+                         f"the {dataset} train split, so the two sets would overlap; use fewer "
+                         f"scoring images (at most {max(pool - calib, 0)})")
+    return _train_draw(dataset, n, seed, resolution, "score")
+
+
+def _train_draw(dataset: str, n: int, seed: int, resolution: int | None, part: str
+                ) -> torch.Tensor:
+    """The head ("calib") or tail ("score") n of the seeded permutation of the train split."""
     spec = get_spec(dataset)
     resolution = resolution or spec.default_resolution
     root = asset_root()
@@ -56,13 +88,14 @@ def calibration_set(dataset: str, n: int = 1024, seed: int = 0, *,
     except AssetMissingError as e:  # a machine holding only <root>/cache may still have it
         pool, missing = None, e
     if pool is not None and (n <= 0 or n > pool):
-        raise ValueError(f"calibration size must be in [1, {pool}] (the {dataset} train split "
+        what = "calibration" if part == "calib" else "scoring"
+        raise ValueError(f"{what} size must be in [1, {pool}] (the {dataset} train split "
                          f"under {root} holds {pool} images), got {n}")
     # The decoded draw is cached (uint8, 3 MB for 1,024 CIFAR images) because a study decodes
     # the same images for every run, and so that a machine holding only <root>/cache (a GPU
     # runner given the test-split cache and these files) reproduces the draw exactly. The key
     # holds the train-split size: a draw from 30,000 images differs from one from 50,000.
-    stem = f"{dataset}-calib-{resolution}-n{n}-seed{seed}-of"
+    stem = f"{dataset}-{part}-{resolution}-n{n}-seed{seed}-of"
     npy = None
     if dataset != "digits":
         if pool is not None:
@@ -79,7 +112,8 @@ def calibration_set(dataset: str, n: int = 1024, seed: int = 0, *,
             raise missing
         source = spec.source(spec.splits[0], root)
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(source), generator=g)[:n].numpy()
+        perm = torch.randperm(len(source), generator=g)
+        idx = (perm[:n] if part == "calib" else perm[len(perm) - n:]).numpy()
         native = spec.default_resolution if dataset.startswith("cifar") else None
         arr = _decode_many(source, idx, resolution, native)
         if npy is not None:

@@ -38,7 +38,7 @@ from ..run import RunConfig
 class Study:
     name: str
     path: Path
-    runs: list[tuple[str, RunConfig]]        # (run id, config) in grid order
+    runs: list[tuple[str, RunConfig]]        # (run id, config): per model, seed-major
     raw: dict
 
 
@@ -53,6 +53,8 @@ def run_id(cfg: RunConfig) -> str:
         d.pop("resolution", None)
     if not d.get("repair_options"):  # likewise
         d.pop("repair_options", None)
+    if not d.get("scoring"):  # likewise
+        d.pop("scoring", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -119,9 +121,12 @@ def load_study(path: str | Path) -> Study:
             merged["n_eval"] = None
         merged["weights"] = _resolve_weights(merged.get("weights"), path.parent)
         merged.setdefault("pretrained", not merged["weights"])
-        for alloc in axes["allocations"]:
-            for sp in axes["sparsities"]:
-                for seed in axes["seeds"]:
+        # Seeds outermost: a study stopped part-way (they run for hours and resume across
+        # sessions) holds whole grids for its first seeds, which a partial report can use,
+        # rather than every seed of its first cells only.
+        for seed in axes["seeds"]:
+            for alloc in axes["allocations"]:
+                for sp in axes["sparsities"]:
                     cfg = RunConfig.from_dict({**merged, "allocation": alloc,
                                                "sparsity": float(sp), "seed": int(seed)})
                     runs.append((run_id(cfg), cfg))

@@ -3,7 +3,9 @@ transaction, so killing the process loses at most the run in flight.
 
 Tables:
 
-    results        one row per (run_id, repair): accuracy, timings, resolved config
+    results        one row per (run_id, repair): accuracy, timings, resolved config, and the
+                   label-free scores against the dense model (agreement in percent, kl in
+                   nats; NULL when the run had scoring = 0)
     runs           one row per run: status (done/failed), attempts, last error, wall time
     allocation_layers  one row per (run_id, idx): the run's per-layer allocation in forward
                    order: layer name, weight shape (JSON list), numel, keep_count, density
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS results (
     model TEXT, dataset TEXT, allocation TEXT, sparsity REAL, seed INTEGER,
     top1 REAL, n_eval INTEGER, seconds REAL, passes_dense INTEGER, passes_pruned INTEGER,
     path TEXT, sparsity_achieved REAL, dense_top1 REAL,
-    config TEXT, env TEXT, created REAL,
+    config TEXT, env TEXT, created REAL, agreement REAL, kl REAL,
     PRIMARY KEY (run_id, repair));
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, status TEXT NOT NULL, attempts INTEGER DEFAULT 0,
@@ -45,6 +47,13 @@ CREATE TABLE IF NOT EXISTS repair_layers (
     stats TEXT NOT NULL,
     PRIMARY KEY (run_id, repair, idx));
 """
+
+# Named in INSERTs, so stores whose older columns were extended by ALTER TABLE (which appends)
+# are written correctly whatever their physical column order.
+_RESULT_COLUMNS = ("run_id", "repair", "model", "dataset", "allocation", "sparsity", "seed",
+                   "top1", "n_eval", "seconds", "passes_dense", "passes_pruned", "path",
+                   "sparsity_achieved", "dense_top1", "config", "env", "created", "agreement",
+                   "kl")
 
 # Per-channel statistics are kept to 6 significant digits: float32 precision is ~7, the plots
 # need ~3, and full float64 reprs would make a 432-run ResNet-20 store ~3x larger.
@@ -70,6 +79,10 @@ class Store:
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "wall_s" not in cols:  # databases written before worker wall times were recorded
             self.db.execute("ALTER TABLE runs ADD COLUMN wall_s REAL")
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
+        for col in ("agreement", "kl"):  # stores written before label-free scores were kept
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {col} REAL")
 
     def close(self) -> None:
         self.db.close()
@@ -94,12 +107,14 @@ class Store:
                 c = r["config"]
                 env = {k: r[k] for k in ("torch", "device_name", "python") if k in r}
                 self.db.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT OR REPLACE INTO results ({', '.join(_RESULT_COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(_RESULT_COLUMNS))})",
                     (rid, r["repair"], c["model"], c["dataset"], c["allocation"], c["sparsity"],
                      c["seed"], r["top1"], r["n_eval"], r["seconds"], r["passes_dense"],
                      r["passes_pruned"], r["path"], r["sparsity_achieved"], dense_top1,
                      json.dumps({**c, "options": r.get("options"),
-                                 "train_images": r.get("train_images")}), json.dumps(env), now))
+                                 "train_images": r.get("train_images")}), json.dumps(env), now,
+                     r.get("agreement"), r.get("kl")))
             if allocation is not None:
                 self.db.execute("DELETE FROM allocation_layers WHERE run_id=?", (rid,))
                 self.db.executemany(
