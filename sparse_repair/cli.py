@@ -31,7 +31,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     if args.weights:
         from .weights import load_checkpoint_into
 
-        load_checkpoint_into(model, args.weights)
+        load_checkpoint_into(model, args.weights, arch=args.model)
     min_keep = args.min_keep
     alloc = allocate(model, args.method, args.sparsity, exclude=args.exclude, min_keep=min_keep)
     masks = prune_(model, alloc)
