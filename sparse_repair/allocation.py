@@ -450,22 +450,78 @@ def _uniform_plus(layers, sizes, keep_free, ctx):
     return real
 
 
+def _capped_scale(raw: np.ndarray, sizes: np.ndarray, keep_free: int) -> np.ndarray:
+    """Real keep counts eps * raw * sizes summing to ``keep_free``, with layers whose density
+    eps * raw would exceed 1 made dense and eps re-solved until none does (RigL's capped ERK)."""
+    dense = np.zeros(len(sizes), dtype=bool)
+    while True:
+        budget = keep_free - sizes[dense].sum()
+        denom = (raw * sizes)[~dense].sum()
+        eps = budget / denom if denom > 0 else 0.0
+        over = (~dense) & (eps * raw > 1.0)
+        if not over.any():
+            break
+        dense |= over
+    return np.where(dense, sizes.astype(np.float64), eps * raw * sizes)
+
+
 def _erk_like(dims_of: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Method:
     def method(layers, sizes, keep_free, ctx):
         raw = np.array([sum(dims_of(layer.shape)) / math.prod(dims_of(layer.shape))
                         for layer in layers], dtype=np.float64)
-        dense = np.zeros(len(sizes), dtype=bool)
-        # RigL's capped ERK: saturate layers whose density exceeds 1 and re-solve eps.
-        while True:
-            budget = keep_free - sizes[dense].sum()
-            denom = (raw * sizes)[~dense].sum()
-            eps = budget / denom if denom > 0 else 0.0
-            over = (~dense) & (eps * raw > 1.0)
-            if not over.any():
-                break
-            dense |= over
-        return np.where(dense, sizes.astype(np.float64), eps * raw * sizes)
+        return _capped_scale(raw, sizes, keep_free)
     return method
+
+
+def _proportional(densities, sizes, keep_free, ctx):
+    """Density proportional to the given per-layer values (``densities_to_keep``); the
+    "layers" passed in are those values, one float per layer."""
+    return _capped_scale(np.asarray(densities, dtype=np.float64), sizes, keep_free)
+
+
+def densities_to_keep(densities: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.ndarray,
+                      keep_total: int, floor: Sequence[int] | np.ndarray | None = None
+                      ) -> np.ndarray:
+    """Exact integer keep counts for layers whose densities should be proportional to
+    ``densities``: the counting machinery of ``allocate``, for densities computed elsewhere
+    (``sparse_repair.select.search`` interpolates between two allocations this way).
+
+    Args:
+        densities: float, shape (layers,), finite and >= 0; only their ratios matter.
+        sizes: int, shape (layers,), weights per layer (>= 1).
+        keep_total: the exact number of weights to keep over these layers.
+        floor: int, shape (layers,), per-layer minimum keep count (default 0); must be <= sizes.
+    Returns:
+        int64, shape (layers,), with ``floor <= keep <= sizes`` and ``keep.sum() == keep_total``.
+        The real targets are eps * density * size with one eps (capped at density 1 and
+        re-solved, as ERK: RigL's capped ERK; layers below their floor held at it and the rest
+        re-solved, as ``allocate(min_keep=...)``), made integer by ``largest_remainder``. Counts
+        of an exact allocation given back as densities (keep / size) come back unchanged.
+    Raises:
+        ValueError: shapes differ; a density negative, NaN or Inf; a size < 1; a floor outside
+            [0, size]; keep_total outside [sum(floor), sum(sizes)]; every density 0 with
+            keep_total above the floors (no ratio to follow).
+    """
+    d = np.asarray(densities, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    lo = np.zeros_like(sizes) if floor is None else np.asarray(floor, dtype=np.int64)
+    if d.ndim != 1 or d.shape != sizes.shape or lo.shape != sizes.shape:
+        raise ValueError(f"densities {d.shape}, sizes {sizes.shape} and floor {lo.shape} must be "
+                         "1-D arrays of one entry per layer")
+    if not np.isfinite(d).all() or (d < 0).any():
+        raise ValueError("densities must be finite and >= 0")
+    if (sizes < 1).any() or (lo < 0).any() or (lo > sizes).any():
+        raise ValueError("sizes must be >= 1 and every floor in [0, size]")
+    keep_total = int(keep_total)
+    if not int(lo.sum()) <= keep_total <= int(sizes.sum()):
+        raise ValueError(f"keep_total {keep_total} is outside [{int(lo.sum())}, "
+                         f"{int(sizes.sum())}] (the floors' sum, the weight count)")
+    if keep_total > int(lo.sum()) and not (d > 0).any():
+        raise ValueError("every density is 0, so there is no ratio to spread the kept weights "
+                         "by; give at least one layer a positive density")
+    ctx = {"first_free": False, "last_free": False, "floor": lo}
+    real = _with_floor(_proportional)(list(d), sizes, keep_total, ctx)
+    return largest_remainder(np.asarray(real), sizes, keep_total, lo)
 
 
 def _weight_of(layer: LayerSpec) -> torch.Tensor:

@@ -434,3 +434,70 @@ def test_min_keep_over_budget_is_refused():
     # 4 layers x 3 = 12 > the 10 weights that 0.96 keeps of N = 256
     with pytest.raises(ValueError, match="min_keep=3 asks for 12"):
         allocate(specs((8, 8), (8, 8), (8, 8), (8, 8)), "global_magnitude", 0.96, min_keep=3)
+
+
+# ----------------------------------------------------------------------------- densities_to_keep
+# The exact-count step for densities computed outside the allocators (select/search.py).
+
+@pytest.mark.parametrize("method", list_allocators())
+@given(layers=layer_lists(), sparsity=st.sampled_from(SPARSITIES) | st.floats(0, 0.999),
+       min_keep=st.sampled_from([0, 1, 3]))
+def test_densities_to_keep_gives_an_exact_allocation_back_unchanged(method, layers, sparsity,
+                                                                    min_keep):
+    """keep / size of any allocation, fed back with its total and floors, returns its counts:
+    what makes the ends of the searched family the anchors themselves."""
+    try:
+        a = allocate(layers, method, sparsity, min_keep=min_keep)
+    except ValueError:
+        return  # infeasible here (lamp's floor, uniform_plus): covered above
+    floor = np.minimum(min_keep, a.sizes)
+    if int(a.keep.sum()) > int(floor.sum()) and not (a.keep > 0).any():
+        return
+    got = allocation.densities_to_keep(a.keep / a.sizes, a.sizes, a.keep_total, floor)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, a.keep)
+
+
+@given(dens=st.lists(st.floats(0, 10), min_size=1, max_size=12),
+       data=st.data())
+def test_densities_to_keep_exact_sum_bounds_and_order(dens, data):
+    n = len(dens)
+    sizes = np.array(data.draw(st.lists(st.integers(1, 500), min_size=n, max_size=n)))
+    floor = np.minimum(np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))),
+                       sizes)
+    total = data.draw(st.integers(int(floor.sum()), int(sizes.sum())))
+    d = np.array(dens)
+    if total > floor.sum() and not (d > 0).any():
+        with pytest.raises(ValueError, match="every density is 0"):
+            allocation.densities_to_keep(d, sizes, total, floor)
+        return
+    keep = allocation.densities_to_keep(d, sizes, total, floor)
+    assert int(keep.sum()) == total
+    assert (keep >= floor).all() and (keep <= sizes).all()
+    # Proportional: between layers above their floor and below their size, a higher density
+    # never gets a lower one, up to one weight of rounding each.
+    mid = [i for i in range(n) if floor[i] < keep[i] < sizes[i]]
+    for i in mid:
+        for j in mid:
+            if d[i] > d[j]:
+                assert keep[i] / sizes[i] >= keep[j] / sizes[j] - 1 / sizes[i] - 1 / sizes[j]
+
+
+def test_densities_to_keep_caps_at_dense_and_rescales():
+    # Densities 1 : 1 : 0.1 of sizes 10, 10, 100 with 30 to keep: eps = 30 / 30 = 1.
+    assert allocation.densities_to_keep([1, 1, 0.1], [10, 10, 100], 30).tolist() == [10, 10, 10]
+    # With 60 to keep eps = 2 would give the first two 20 of 10: capped, the rest re-solved.
+    assert allocation.densities_to_keep([1, 1, 0.1], [10, 10, 100], 60).tolist() == [10, 10, 40]
+
+
+@pytest.mark.parametrize("args, match", [
+    (([0.5, -1], [10, 10], 5), "finite and >= 0"),
+    (([0.5, float("nan")], [10, 10], 5), "finite and >= 0"),
+    (([0.5], [10, 10], 5), "1-D arrays"),
+    (([0.5, 0.5], [10, 0], 5), "sizes must be >= 1"),
+    (([0.5, 0.5], [10, 10], 21), "outside"),
+    (([0.0, 0.0], [10, 10], 5), "every density is 0"),
+])
+def test_densities_to_keep_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        allocation.densities_to_keep(*args)
