@@ -1,0 +1,14 @@
+"""Label-free selection of an allocation and a repair (issue #19, docs/select.md).
+
+    from sparse_repair.select import SelectConfig, select
+    result = select(SelectConfig(model="resnet20", sparsity=0.9))
+    result.choice        # {"allocation": ..., "repair": ...}
+    result.to_dict()     # every candidate's label-free scores (and, with evaluate, top-1)
+
+Modules: ``api`` (``SelectConfig``, ``select``, ``SelectResult``, ``choose``). Layering: this
+package sits beside ``study`` above ``run``; nothing below it imports it.
+"""
+
+from .api import SelectConfig, SelectResult, select
+
+__all__ = ["SelectConfig", "SelectResult", "select"]
