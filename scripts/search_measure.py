@@ -1,0 +1,150 @@
+"""Does the repair-aware allocation beat the best fixed allocation? (issue #19, docs/search.md)
+
+For each (model, sparsity, repair): the fixed allocations (default ERK, LAMP, uniform, global
+magnitude) are pruned, repaired on the same calibration images and evaluated; the search
+(``sparse_repair.select.search.search_allocation``, ERK-to-LAMP family, criterion KL) runs on
+the same calibration images and chooses by its label-free score on disjoint scoring images;
+then the chosen allocation is evaluated. Labels are used only here, for the table, never by the
+search. The family's endpoints are the ERK and LAMP pipelines themselves, so their true top-1
+is taken from the search's own evaluations (``observe``), not recomputed.
+
+    python scripts/search_measure.py --models resnet20 --sparsities 0.9,0.95 \\
+        --repairs bn_recal --out results/search_r20_bn.jsonl
+
+One JSON line per regime is appended to --out as soon as it finishes (a long run keeps what it
+measured); the table is printed at the end, and ``--table FILE.jsonl`` prints it from a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+
+from sparse_repair.allocation import LayerCollapseWarning, allocate
+from sparse_repair.data import calibration_set, scoring_set
+from sparse_repair.evaluate import evaluate, label_free_scores, predict_logits
+from sparse_repair.pruning import prune_
+from sparse_repair.repair import repair
+from sparse_repair.select.search import search_allocation
+from sparse_repair.weights import load_pretrained
+
+
+def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str, seed: int,
+            calib: int, scoring: int, n_eval: int, fixed: list[str], criterion: str,
+            grid: int = 5, refine: int = 2) -> dict:
+    dense = load_pretrained(model_name)
+    images = calibration_set(dataset, calib, seed)
+    score_images = scoring_set(dataset, scoring, seed, calib=calib)
+    dense_logits = predict_logits(dense, score_images)
+    top1 = {}  # t -> true top-1 (labels: reporting only)
+
+    def observe(point, model):
+        top1[point.t] = evaluate(model, dataset, n_eval)["top1"]
+        print(f"  t={point.t:<7g} kl {point.kl:.4f} agree {point.agreement:5.1f} top-1 "
+              f"{top1[point.t]:5.2f} ({point.seconds:.0f}s)", file=sys.stderr, flush=True)
+
+    result = search_allocation(dense, sparsity, images, score_images, repair=repair_name,
+                               criterion=criterion, keep_model=False, observe=observe,
+                               grid=grid, refine=refine)
+    for p in result.points:  # reused points share their twin's model, hence its accuracy
+        if p.t not in top1:
+            twin = next(q for q in result.points if q.keep == p.keep and q.t in top1)
+            top1[p.t] = top1[twin.t]
+    rows = {}
+    for method in fixed:
+        if method == result.anchors[0] or method == result.anchors[1]:
+            t = 0.0 if method == result.anchors[0] else 1.0
+            p = next(q for q in result.points if q.t == t)
+            rows[method] = {"top1": top1[t], "kl": p.kl, "agreement": p.agreement,
+                            "seconds": p.seconds}
+            continue
+        tic = time.perf_counter()
+        model = copy.deepcopy(dense)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LayerCollapseWarning)
+            alloc = allocate(model, method, sparsity)
+        prune_(model, alloc)
+        repair(model, repair_name, images, dense=dense)
+        s = label_free_scores(predict_logits(model, score_images), dense_logits)
+        rows[method] = {"top1": evaluate(model, dataset, n_eval)["top1"], **s,
+                        "seconds": time.perf_counter() - tic, "collapsed": alloc.collapsed}
+        print(f"  {method:<16} kl {s['kl']:.4f} agree {s['agreement']:5.1f} top-1 "
+              f"{rows[method]['top1']:5.2f}", file=sys.stderr, flush=True)
+    best_fixed = max(rows, key=lambda m: rows[m]["top1"])
+    by_kl = min(rows, key=lambda m: rows[m]["kl"])
+    oracle_t = max(top1, key=lambda t: (top1[t], -t))
+    return {"model": model_name, "dataset": dataset, "sparsity": sparsity,
+            "repair": repair_name, "seed": seed, "calib": calib, "scoring": scoring,
+            "n_eval": n_eval, "criterion": criterion, "grid": grid, "refine": refine,
+            "fixed": rows,
+            "best_fixed": best_fixed, "best_fixed_top1": rows[best_fixed]["top1"],
+            "fixed_by_criterion": by_kl, "fixed_by_criterion_top1": rows[by_kl]["top1"],
+            "search_t": result.t, "search_top1": top1[result.t],
+            "gain_over_best_fixed": top1[result.t] - rows[best_fixed]["top1"],
+            "family_oracle_t": oracle_t, "family_oracle_top1": top1[oracle_t],
+            "points": [{**p.to_dict(), "top1": top1[p.t]} for p in result.points],
+            "evaluations": result.evaluations, "search_seconds": result.seconds}
+
+
+def table(records: list[dict]) -> str:
+    fixed = list(records[0]["fixed"]) if records else []
+    head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "search t",
+            "search", "search - best fixed", "family oracle (t)", "evals", "search s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [r["model"], f"{r['sparsity']:g}", r["repair"],
+                 *[f"{r['fixed'][m]['top1']:.2f}" for m in fixed],
+                 f"{r['best_fixed_top1']:.2f} ({r['best_fixed']})",
+                 f"{r['fixed_by_criterion_top1']:.2f} ({r['fixed_by_criterion']})",
+                 f"{r['search_t']:g}", f"{r['search_top1']:.2f}",
+                 f"{r['gain_over_best_fixed']:+.2f}",
+                 f"{r['family_oracle_top1']:.2f} ({r['family_oracle_t']:g})",
+                 str(r["evaluations"]), f"{r['search_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--sparsities", default="0.9,0.95")
+    ap.add_argument("--repairs", default="bn_recal")
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--scoring", type=int, default=1000)
+    ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--fixed", default="erk,lamp,uniform,global_magnitude")
+    ap.add_argument("--criterion", default="kl")
+    ap.add_argument("--grid", type=int, default=5)
+    ap.add_argument("--refine", type=int, default=2)
+    ap.add_argument("--out", help="append one JSON line per regime to this file")
+    ap.add_argument("--table", help="print the table of a JSON-lines file and exit")
+    args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return 0
+    records = []
+    for model in args.models.split(","):
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            for rep in args.repairs.split(","):
+                print(f"{model} {sparsity} {rep}", file=sys.stderr, flush=True)
+                rec = measure(model, sparsity, rep, dataset=args.dataset, seed=args.seed,
+                              calib=args.calib, scoring=args.scoring, n_eval=args.n_eval,
+                              fixed=args.fixed.split(","), criterion=args.criterion,
+                              grid=args.grid, refine=args.refine)
+                records.append(rec)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+    print(table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Repair-aware allocation search (sparse_repair.select.search, issue #19): the ERK-to-LAMP
+family is exact at every point and is the anchors at its ends; the search chooses the best
+point it evaluated by its label-free criterion, reads no label, is deterministic and leaves the
+dense model unchanged; bad input is refused before any work.
+
+Kept fast for CI: ResNet-8 on digits (baselines/checkpoints/resnet8-digits.pt), 64 calibration
+and 100 scoring images, grid 3 + 1 refinement round (at most 5 repairs per search)."""
+
+from __future__ import annotations
+
+import copy
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_repair import data as data_pkg
+from sparse_repair.allocation import allocate
+from sparse_repair.evaluate import label_free_scores, predict_logits
+from sparse_repair.select import search as search_mod
+from sparse_repair.select.search import interpolate, search_allocation
+from sparse_repair.weights import load_trained
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt")
+SMALL = {"grid": 3, "refine": 1}
+pytestmark = pytest.mark.filterwarnings("ignore::sparse_repair.allocation.LayerCollapseWarning")
+
+
+def _no_labels(monkeypatch):
+    """Every way the data layer reaches labels raises: whole splits (load_split, wherever it was
+    imported) and each data set's source (a Source carries the labels)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a label source was read during the search")
+
+    import sparse_repair.data.splits as splits
+    import sparse_repair.evaluate as evaluate_mod
+    for mod in (splits, data_pkg, evaluate_mod):
+        monkeypatch.setattr(mod, "load_split", refuse)
+    for name, spec in data_pkg.DATASETS.items():
+        monkeypatch.setitem(data_pkg.DATASETS, name, type(spec)(
+            **{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "source": refuse}))
+
+
+@pytest.fixture(scope="module")
+def setting():
+    dense = load_trained(DIGITS)[0].eval()
+    calib = data_pkg.calibration_set("digits", 64, 0)
+    scoring = data_pkg.scoring_set("digits", 100, 0, calib=64)
+    return dense, calib, scoring
+
+
+@pytest.fixture(scope="module")
+def searched(setting):
+    """One search at 0.9 (bn_recal, KL) with every label source refusing, and the dense
+    model's state before and after it."""
+    dense, calib, scoring = setting
+    before = copy.deepcopy(dense.state_dict())
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        _no_labels(mp)
+        result = search_allocation(dense, 0.9, calib, scoring,
+                                   observe=lambda p, m: seen.append(p.t), **SMALL)
+    return result, before, seen
+
+
+def _target_keep(alloc, sparsity):
+    n = alloc.total
+    return n - int((Decimal(str(sparsity)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+# ----------------------------------------------------------------------------- the family
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.95, 0.99])
+@pytest.mark.parametrize("min_keep", [0, 2])
+def test_family_is_exact_within_bounds_and_its_ends_are_erk_and_lamp(setting, sparsity,
+                                                                     min_keep):
+    dense = setting[0]
+    erk = allocate(dense, "erk", sparsity, min_keep=min_keep)
+    lamp = allocate(dense, "lamp", sparsity, min_keep=min_keep)
+    assert np.array_equal(interpolate(erk, lamp, 0.0).keep, erk.keep)
+    assert np.array_equal(interpolate(erk, lamp, 1.0).keep, lamp.keep)
+    interior = []
+    for t in np.linspace(0, 1, 17).tolist():
+        a = interpolate(erk, lamp, t)
+        assert a.keep.dtype == np.int64
+        assert a.keep_total == _target_keep(a, sparsity), (t, a.keep_total)
+        assert (a.keep <= a.sizes).all() and (a.keep >= np.minimum(min_keep, a.sizes)).all()
+        # Weighted AM-GM: the geometric mean never undercuts both anchors (up to rounding).
+        assert (a.keep >= np.minimum(erk.keep, lamp.keep) - 1).all()
+        interior.append(a.keep.tobytes())
+    if not np.array_equal(erk.keep, lamp.keep):
+        assert len(set(interior)) > 2, "the family does not move between its ends"
+
+
+def test_family_keeps_excluded_layers_dense(setting):
+    dense = setting[0]
+    names = [n for n, _ in dense.named_modules() if isinstance(_, torch.nn.Conv2d)]
+    ex = (names[0],)
+    erk = allocate(dense, "erk", 0.9, exclude=ex)
+    lamp = allocate(dense, "lamp", 0.9, exclude=ex)
+    a = interpolate(erk, lamp, 0.5)
+    assert a.keep_of(names[0]) == a.sizes[0] and a.keep_total == erk.keep_total
+
+
+def test_family_refuses_mismatched_anchors_and_t_outside(setting):
+    dense = setting[0]
+    erk, lamp = allocate(dense, "erk", 0.9), allocate(dense, "lamp", 0.8)
+    with pytest.raises(ValueError, match="differ in layers, sizes, kept total"):
+        interpolate(erk, lamp, 0.5)
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\]"):
+        interpolate(erk, erk, 1.5)
+
+
+# ----------------------------------------------------------------------------- the search
+
+def test_search_returns_an_exact_allocation(searched, setting):
+    result = searched[0]
+    alloc = result.allocation
+    assert alloc.keep_total == _target_keep(alloc, 0.9)
+    assert (alloc.keep >= 0).all() and (alloc.keep <= alloc.sizes).all()
+    assert alloc.keep.tolist() == result.best.keep
+    assert np.array_equal(alloc.keep, interpolate(allocate(setting[0], "erk", 0.9),
+                                                  allocate(setting[0], "lamp", 0.9),
+                                                  result.t).keep)
+    assert 1 <= result.evaluations <= SMALL["grid"] + 2 * SMALL["refine"]
+
+
+def test_the_choice_is_the_best_evaluated_point_by_kl(searched):
+    result, _, seen = searched
+    kls = [p.kl for p in result.points]
+    assert result.best.kl == min(kls)
+    assert result.t == min((p for p in result.points), key=lambda p: (p.kl, -p.agreement, p.t)).t
+    # The grid's ends are evaluated: the search has seen the ERK and LAMP pipelines.
+    assert {0.0, 1.0} <= {p.t for p in result.points}
+    assert seen == [p.t for p in result.points if not p.reused]
+
+
+def test_the_returned_model_is_the_choice_and_its_scores_are_reproduced(searched, setting):
+    dense, _, scoring = setting
+    result = searched[0]
+    s = label_free_scores(predict_logits(result.model, scoring), predict_logits(dense, scoring))
+    assert s == {"agreement": result.best.agreement, "kl": result.best.kl}
+    kept = sum(int(torch.count_nonzero(m.weight)) for m in result.model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert kept <= result.allocation.keep_total  # a kept weight may itself be 0
+
+
+def test_agreement_criterion_picks_the_highest_agreement(setting):
+    dense, calib, scoring = setting
+    r = search_allocation(dense, 0.9, calib, scoring, criterion="agreement", grid=2, refine=0,
+                          keep_model=False)
+    assert r.model is None and r.criterion == "agreement"
+    assert r.best.agreement == max(p.agreement for p in r.points)
+
+
+def test_dense_model_is_unchanged(searched, setting):
+    dense = setting[0]
+    _, before, _ = searched
+    after = dense.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert searched[0].model is not dense
+
+
+def test_search_is_deterministic(searched, setting):
+    dense, calib, scoring = setting
+    again = search_allocation(dense, 0.9, calib, scoring, keep_model=False, **SMALL)
+    first = searched[0]
+    assert again.t == first.t
+    assert np.array_equal(again.allocation.keep, first.allocation.keep)
+    assert [(p.t, p.keep, p.kl, p.agreement) for p in again.points] == \
+        [(p.t, p.keep, p.kl, p.agreement) for p in first.points]
+
+
+def test_no_label_is_read(searched):
+    """The module fixture ran the whole search with every label source raising; it finished
+    and evaluated points, so no label reached it."""
+    assert searched[0].evaluations >= 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Pruning or repairing raises: an error must come from the checks before any work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the input was refused")
+    monkeypatch.setattr(search_mod, "prune_", refuse)
+    monkeypatch.setattr(search_mod, "run_repair", refuse)
+    monkeypatch.setattr(search_mod, "allocate", refuse)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"sparsity": 1.0}, ValueError, "sparsity"),
+    ({"sparsity": -0.1}, ValueError, "sparsity"),
+    ({"repair": "bn_recall"}, ValueError, "unknown repair method 'bn_recall'"),
+    ({"repair_options": {"shrinkag": "x"}, "repair": "asr"}, TypeError, "shrinkag"),
+    ({"anchors": ("erk", "lampp")}, ValueError, r"unknown allocator\(s\) \['lampp'\]"),
+    ({"anchors": ("erk", "erk")}, ValueError, "two different allocators"),
+    ({"criterion": "accuracy"}, ValueError, "unknown criterion 'accuracy'"),
+    ({"grid": 1}, ValueError, "grid must be an int >= 2"),
+    ({"calibration": torch.zeros(0, 3, 8, 8)}, ValueError, "empty"),
+    ({"scoring": torch.zeros(0, 3, 8, 8)}, ValueError, "scoring images: .*empty"),
+    ({"scoring": "overlap"}, ValueError, "also calibration images.*scoring_set"),
+    ({"scoring": torch.zeros(4, 3, 16, 16)}, ValueError, "draw both from one data set"),
+    ({"calibration": "labeled"}, TypeError, "label-free"),
+])
+def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, match):
+    dense, calib, scoring = setting
+    kw = {"sparsity": 0.9, "calibration": calib, "scoring": scoring, **change}
+    if isinstance(kw["scoring"], str):  # "overlap": one calibration image among them
+        kw["scoring"] = torch.cat([scoring[:5], calib[3:4]])
+    if isinstance(kw["calibration"], str):  # "labeled": what a labeled loader yields
+        kw["calibration"] = (calib, torch.zeros(len(calib), dtype=torch.long))
+    with pytest.raises(error, match=match):
+        search_allocation(dense, kw.pop("sparsity"), kw.pop("calibration"), kw.pop("scoring"),
+                          **kw)
+
+
+def test_the_label_guard_itself_fires(setting, monkeypatch):
+    """The guard of test_no_label_is_read is live: a labeled evaluation under it raises."""
+    from sparse_repair.evaluate import evaluate
+
+    _no_labels(monkeypatch)
+    with pytest.raises(AssertionError, match="label source was read"):
+        evaluate(setting[0], "digits", 50)
+    with pytest.raises(AssertionError, match="label source was read"):
+        data_pkg.get_spec("digits").source("train", None)
