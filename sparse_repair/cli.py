@@ -1,4 +1,4 @@
-"""Command line: ``sparse-repair {allocate,eval,train,run,study}``. Thin adapters over the
+"""Command line: ``sparse-repair {allocate,eval,train,run,select,study}``. Thin adapters over the
 library; each subcommand's arguments are its visible config and are echoed with --json."""
 
 from __future__ import annotations
@@ -109,6 +109,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from .select import SelectConfig, select
+
+    cfg = SelectConfig.from_dict(_config_values(args, SelectConfig))
+    result = select(cfg, progress=not args.json)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    if result.choice is None:
+        print("sparse-repair: error: every candidate failed (see each one's error)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
@@ -208,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="allow downloads (needs internet)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("select", help="choose an allocation and a repair without labels "
+                                      "(docs/select.md)")
+    from .select import SelectConfig
+
+    add_config_arguments(p, SelectConfig)
+    _add_common(p)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("train", help="dense training recipe; writes checkpoint + JSON sidecar")
     p.add_argument("--model", required=True)
