@@ -185,7 +185,7 @@ class SelectResult:
             lines.append(f"{mark} {c['allocation']:<17} {c['repair']:<12} "
                          f"{num(c['agreement'], '7.2f'):>7} {num(c['kl'], '8.4f'):>8}"
                          + (f" {num(c.get('top1'), '7.2f'):>7}" if ev else "")
-                         + f" {num(c['seconds'], '8.2f'):>8}  {c['error'] or ''}")
+                         + f" {num(c['seconds'], '8.2f'):>8}  {c['error'] or ''}".rstrip())
         lines.append("choice: " + ("none (every candidate failed)" if self.choice is None else
                                    f"{self.choice['allocation']} + {self.choice['repair']}")
                      + f"  [{self.seconds:.1f}s]")
