@@ -5,7 +5,8 @@
     result.choice        # {"allocation": ..., "repair": ...}
     result.to_dict()     # every candidate's label-free scores (and, with evaluate, top-1)
 
-Modules: ``api`` (``SelectConfig``, ``select``, ``SelectResult``, ``choose``). Layering: this
+Modules: ``api`` (``SelectConfig``, ``select``, ``SelectResult``, ``choose``) and ``search``
+(``search_allocation``, the repair-aware allocator). Layering: this
 package sits beside ``study`` above ``run``; nothing below it imports it.
 """
 
