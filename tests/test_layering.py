@@ -24,7 +24,9 @@ LAYERS = [
 FOUNDATIONS_IMPORT_NOTHING = {"models", "allocation"}
 ALLOWED_SAME_LAYER = {("assets", "progress"), ("data", "assets"), ("weights", "assets"),
                       ("data", "progress"), ("pruning", "allocation"), ("gate", "regime"),
-                      ("train", "evaluate")}
+                      ("train", "evaluate"),
+                      # the study report scores selection with select's own choice rule
+                      ("study", "select")}
 
 
 def _component(module: str) -> str:

@@ -15,6 +15,7 @@ try:
 except ImportError as e:  # pragma: no cover - the `plot` extra is installed in CI
     raise ImportError("the study report needs pandas: pip install 'sparse-repair[plot]'") from e
 
+from ..select import evidence as selection_evidence
 from .spec import Study
 from .stats import (
     MIN_SEEDS_FOR_SIGNIFICANCE,
@@ -93,8 +94,9 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
 
     ``store`` (a ``Store``) supplies the per-layer data of the per-layer plots; without it, or
     for runs without stored per-layer data, those plots are skipped and the report says why.
-    Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition"} as
-    ``api.report`` documents."""
+    Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition",
+    "selection"} as ``api.report`` documents ("selection": ``select.evidence.summarize`` per
+    criterion, None when no row has label-free scores)."""
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
     cells = cell_table(df)
@@ -151,6 +153,8 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
            f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
     for key in regimes:
         md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
+    # Where the runs recorded label-free scores (scoring > 0), how well choosing by them works.
+    md += [""] + selection_evidence.markdown(rows)
     skipped: list[str] = []
     plots = _plots(study, cells, dense, regimes, out, df=df, store=store, skipped=skipped)
     if plots or skipped:
@@ -159,7 +163,10 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"report": str(out / "report.md"), "plots": plots, "skipped": skipped,
             "runs_done": runs_done, "runs_total": runs_total,
-            "transition": {"/".join(k): v for k, v in regimes.items()}}
+            "transition": {"/".join(k): v for k, v in regimes.items()},
+            "selection": ({c: selection_evidence.summarize(rows, c)
+                           for c in selection_evidence.CRITERIA}
+                          if selection_evidence.selections(rows) else None)}
 
 
 def _preferred(alloc_diffs) -> list[str]:

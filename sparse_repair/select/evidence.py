@@ -1,0 +1,162 @@
+"""How well label-free selection works, from result rows that carry both the label-free scores
+and the true top-1 of every (allocation, repair) candidate: a study run with ``scoring > 0``
+(``studies/evidence.toml``) stores exactly that, so the evidence needs no extra forward pass.
+
+One *selection* is one (model, dataset, sparsity, seed): its candidates are every (allocation,
+repair) row of that seed; the choice is ``api.choose`` on them (the very rule ``select`` uses),
+its regret is the best candidate's top-1 minus the choice's (pt, >= 0). The fixed rules are
+``api.FIXED_RULES``, chosen the same way inside their pool. Labels enter only through the
+stored top-1, after every choice is made.
+
+The issue's goal (issue #19): within 0.5 pt of the best candidate in at least 90% of
+(model, sparsity) regimes, mean regret below 0.3 pt. A regime here is (model, dataset,
+sparsity); its regret is the mean over its seeds, and ``per_seed`` counts single selections.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from scipy import stats
+
+from .api import CRITERIA, FIXED_RULES, choose
+
+WITHIN_PT = 0.5        # "within 0.5 pt of the best candidate" (issue #19)
+GOAL_SHARE = 0.9       # ... "in at least 90% of (model, sparsity) regimes"
+GOAL_MEAN_PT = 0.3     # ... "with mean regret below 0.3 pt"
+
+
+def selections(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Group result rows into selections: {(model, dataset, sparsity, seed): candidates}, each
+    candidate {"allocation", "repair", "agreement", "kl", "top1", "error": None}, ordered by
+    (allocation, repair). Rows without label-free scores (a run with scoring = 0) are left out.
+    """
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("agreement") is None or r.get("kl") is None:
+            continue
+        key = (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"]))
+        out[key].append({"allocation": r["allocation"], "repair": r["repair"],
+                         "agreement": float(r["agreement"]), "kl": float(r["kl"]),
+                         "top1": float(r["top1"]), "error": None})
+    return {k: sorted(v, key=lambda c: (c["allocation"], c["repair"]))
+            for k, v in sorted(out.items())}
+
+
+def _regret(cands: list[dict], picked: dict | None) -> float | None:
+    if picked is None:
+        return None
+    return max(c["top1"] for c in cands) - picked["top1"]
+
+
+def rule_regrets(cands: list[dict], criterion: str) -> dict[str, float | None]:
+    """Regret (pt) of the label-free choice ("select") and of each fixed rule on one selection;
+    None for a rule whose pool is empty (e.g. "always lamp" without LAMP candidates)."""
+    i = choose(cands, criterion)
+    out = {"select": _regret(cands, None if i is None else cands[i])}
+    for name, (alloc, rep) in FIXED_RULES.items():
+        pool = [c for c in cands if (alloc is None or c["allocation"] == alloc)
+                and (rep is None or c["repair"] == rep)]
+        j = choose(pool, criterion) if pool else None
+        out[name] = _regret(cands, None if j is None else pool[j])
+    return out
+
+
+def summarize(rows: list[dict], criterion: str = "kl") -> dict:
+    """The selection evidence of ``rows`` (``Store.rows()`` dicts) under ``criterion``.
+
+    Returns {"criterion", "n_selections", "n_regimes", "rules": {rule: {"per_seed": {"hit",
+    "mean", "worst", "n"}, "per_regime": {...}}}, "regimes": [{"model", "dataset", "sparsity",
+    "seeds", "candidates", "choices", rule: mean regret, ...}], "correlation": {criterion:
+    {"spearman_mean", "spearman_min", "n"}}, "goal_met": bool | None}. "hit" is the share (0-1)
+    within ``WITHIN_PT`` of the best; regrets in pt. Spearman rank correlations are per
+    selection (higher agreement and lower KL should both mean higher top-1, so KL's sign is
+    flipped), then averaged; a selection whose top-1 or score is constant is skipped.
+    Raises ValueError for an unknown criterion.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    sel = selections(rows)
+    per: dict[str, list[float]] = defaultdict(list)
+    by_regime: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    choices: dict[tuple, list[str]] = defaultdict(list)
+    corr: dict[str, list[float]] = defaultdict(list)
+    for (model, dataset, sp, _seed), cands in sel.items():
+        regrets = rule_regrets(cands, criterion)
+        for rule, r in regrets.items():
+            if r is not None:
+                per[rule].append(r)
+                by_regime[(model, dataset, sp)][rule].append(r)
+        i = choose(cands, criterion)
+        choices[(model, dataset, sp)].append(f"{cands[i]['allocation']}+{cands[i]['repair']}")
+        top1 = np.array([c["top1"] for c in cands])
+        for crit in CRITERIA:
+            score = np.array([c[crit] for c in cands]) * (-1.0 if crit == "kl" else 1.0)
+            if len(cands) > 2 and np.ptp(top1) > 0 and np.ptp(score) > 0:
+                corr[crit].append(float(stats.spearmanr(score, top1).statistic))
+
+    def describe(values: list[float]) -> dict:
+        if not values:
+            return {"hit": None, "mean": None, "worst": None, "n": 0}
+        v = np.asarray(values)
+        return {"hit": float((v <= WITHIN_PT + 1e-9).mean()), "mean": float(v.mean()),
+                "worst": float(v.max()), "n": int(len(v))}
+
+    rules = ["select", *FIXED_RULES]
+    regimes = []
+    for key, d in sorted(by_regime.items()):
+        regimes.append({"model": key[0], "dataset": key[1], "sparsity": key[2],
+                        "seeds": len(d["select"]), "candidates": len(sel[next(
+                            k for k in sel if k[:3] == key)]), "choices": choices[key],
+                        **{rule: float(np.mean(d[rule])) if d.get(rule) else None
+                           for rule in rules}})
+    summary = {rule: {"per_seed": describe(per[rule]),
+                      "per_regime": describe([g[rule] for g in regimes if g[rule] is not None])}
+               for rule in rules}
+    reg = summary["select"]["per_regime"]
+    goal = None if reg["n"] == 0 else bool(reg["hit"] >= GOAL_SHARE and
+                                           reg["mean"] < GOAL_MEAN_PT)
+    return {"criterion": criterion, "n_selections": len(sel), "n_regimes": len(regimes),
+            "rules": summary, "regimes": regimes,
+            "correlation": {c: {"spearman_mean": float(np.mean(v)) if v else None,
+                                "spearman_min": float(np.min(v)) if v else None, "n": len(v)}
+                            for c, v in corr.items()},
+            "goal_met": goal}
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    """The "Label-free selection" section of a study report (markdown lines), for every
+    criterion; empty when no row carries label-free scores."""
+    if not selections(rows):
+        return []
+    md = ["## Label-free selection (candidates: every allocation x repair of a seed; regret = "
+          "best candidate's top-1 minus the rule's, pt)", "",
+          f"Goal (issue #19): within {WITHIN_PT} pt of the best candidate in >= "
+          f"{GOAL_SHARE:.0%} of (model, sparsity) regimes (regret averaged over seeds) with mean "
+          f"regret < {GOAL_MEAN_PT} pt. Fixed rules: docs/select.md.", ""]
+    for crit in CRITERIA:
+        s = summarize(rows, crit)
+        goal = {None: "n/a", True: "met", False: "not met"}[s["goal_met"]]
+        md += [f"### criterion `{crit}`: {s['n_selections']} selections in {s['n_regimes']} "
+               f"regimes; goal {goal}", "",
+               f"| rule | within {WITHIN_PT} pt (regimes) | mean regret | worst regret | "
+               f"within {WITHIN_PT} pt (single seeds) | worst single |",
+               "|---|---|---|---|---|---|"]
+        for rule, d in s["rules"].items():
+            g, p = d["per_regime"], d["per_seed"]
+            if g["n"] == 0:
+                continue
+            md.append(f"| {rule} | {g['hit']:.0%} of {g['n']} | {g['mean']:.2f} | "
+                      f"{g['worst']:.2f} | {p['hit']:.0%} of {p['n']} | {p['worst']:.2f} |")
+        md += ["", "| model | dataset | sparsity | seeds | select regret | choices |",
+               "|---|---|---|---|---|---|"]
+        for g in s["regimes"]:
+            md.append(f"| {g['model']} | {g['dataset']} | {g['sparsity']:g} | {g['seeds']} | "
+                      f"{g['select']:.2f} | {', '.join(sorted(set(g['choices'])))} |")
+        c = s["correlation"]
+        md += ["", "Spearman rank correlation with true top-1 within a selection (KL negated), "
+               "mean [min] over selections: " + "; ".join(
+                   f"{k} {v['spearman_mean']:.3f} [{v['spearman_min']:.3f}] (n={v['n']})"
+                   for k, v in c.items() if v["n"]), ""]
+    return md
