@@ -811,5 +811,6 @@ def allocate(model_or_layers: nn.Module | Iterable[LayerSpec], method: str, spar
             f"{method} at sparsity {sparsity} keeps 0 weights in {len(alloc.collapsed)} "
             f"layer(s): {', '.join(alloc.collapsed)}. Their outputs are constant and the network "
             "may be cut (layer collapse: Lee et al. ICLR 2021; Tanaka et al. NeurIPS 2020); "
-            "pass min_keep=1 (or more) to keep weights in every layer"), stacklevel=2)
+            "pass min_keep=1 (or more; `--min-keep 1` on the command line) to keep weights "
+            "in every layer"), stacklevel=2)
     return alloc

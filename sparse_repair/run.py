@@ -105,7 +105,15 @@ def load_dense(cfg: RunConfig) -> torch.nn.Module:
         import os
 
         if os.path.exists(cfg.weights + ".json"):
-            return load_trained(cfg.weights)[0]
+            model, meta = load_trained(cfg.weights)
+            # The sidecar names the architecture; building it silently in place of the one
+            # asked for would report another model's numbers under cfg.model's name.
+            if meta["model"] != cfg.model:
+                raise ValueError(f"checkpoint {cfg.weights} holds a {meta['model']} (its sidecar "
+                                 f"{cfg.weights}.json says so) but the model asked for is "
+                                 f"{cfg.model}; pass --model {meta['model']} (model = "
+                                 f"\"{meta['model']}\" in a study file)")
+            return model
         model = create_model(cfg.model, get_spec(cfg.dataset).num_classes)
         return load_checkpoint_into(model, cfg.weights).eval()
     if not cfg.pretrained:

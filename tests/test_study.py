@@ -605,3 +605,29 @@ def test_study_file_with_an_unknown_key_is_refused_naming_the_valid_ones(tmp_pat
                      'repair_option = {}\n')
     with pytest.raises(ValueError, match=r"'repair_option' at \[\[models\]\] resnet8"):
         load_study(study)
+
+
+def test_a_bad_checkpoint_stops_the_study_before_any_run(tmp_path):
+    """A truncated checkpoint is one clear error naming the study, before the store exists,
+    not a failure recorded for every run after every retry."""
+    from sparse_repair import study as study_api
+
+    bad = tmp_path / "resnet8-digits.pt"
+    bad.write_bytes(CKPT.read_bytes()[:2000])
+    (tmp_path / "resnet8-digits.pt.json").write_bytes(Path(str(CKPT) + ".json").read_bytes())
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'name = "s"\ncalib = 64\nn_eval = 100\nseeds = [0]\n'
+                    f'allocations = ["erk"]\nsparsities = [0.5]\nrepairs = ["none"]\n'
+                    f'[[models]]\nmodel = "resnet8"\ndataset = "digits"\n'
+                    f'weights = "{bad.as_posix()}"\n')
+    db = tmp_path / "s.sqlite"
+    with pytest.raises(ValueError, match=r"s\.toml: model resnet8 with weights .*truncated"):
+        study_api.run(spec, db=db)
+    assert not db.exists(), "the store was opened before the weights were checked"
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_name():
+    from sparse_repair.run import RunConfig, load_dense
+
+    with pytest.raises(ValueError, match="holds a resnet8 .* pass --model resnet8"):
+        load_dense(RunConfig(model="resnet20", dataset="digits", weights=str(CKPT)))

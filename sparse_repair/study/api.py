@@ -26,6 +26,28 @@ __all__ = ["RunSummary", "load", "report", "run", "status"]
 StudyLike = str | os.PathLike | Study
 
 
+def check_weights(study: Study) -> None:
+    """Load every distinct (model, data set, checkpoint) of ``study`` once, in this process,
+    before any run is submitted: a corrupt, truncated or foreign checkpoint, or one that holds
+    another architecture than its ``model``, is one clear error naming the study file, instead
+    of a failure recorded for each of its runs after every retry. Published weights
+    (``pretrained``, no ``weights``) are not checked here. Raises ValueError (the loaders'
+    CheckpointError and FileNotFoundError, with the study and model prepended)."""
+    from ..run import load_dense
+
+    seen = set()
+    for _, cfg in study.runs:
+        key = (cfg.model, cfg.dataset, cfg.weights)
+        if not cfg.weights or key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_dense(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{study.path}: model {cfg.model} with weights {cfg.weights}: {e}"
+                             ) from e
+
+
 def load(study: StudyLike) -> Study:
     """A ``Study`` from a TOML path (or the ``Study`` itself). Raises FileNotFoundError for a
     missing file and ValueError for a study without models or grid values."""
@@ -51,9 +73,13 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
     FileNotFoundError / ValueError for a bad study file, ValueError for an unknown executor or
     negative retries, TypeError for an unknown executor option, RuntimeError when the executor's
     extra (ray, submitit) is not installed, and ``executors.ExecutorLost`` when the executor
-    itself goes away mid-sweep (finished runs are saved; calling again resumes)."""
+    itself goes away mid-sweep (finished runs are saved; calling again resumes).
+    Every checkpoint the study names is checked first (``check_weights``): a bad one raises
+    ValueError before the store is opened, instead of failing every run 1 + retries times."""
     st = load(study)
     ec = _executor_config(executor, executor_options)
+    if fn is None:
+        check_weights(st)
     store = Store(db_path(st, db))
     try:
         return sweep(st, store, ec, assets, fn=fn, progress=progress)
