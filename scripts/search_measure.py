@@ -2,14 +2,18 @@
 
 For each (model, sparsity, repair): the fixed allocations (default ERK, LAMP, uniform, global
 magnitude) are pruned, repaired on the same calibration images and evaluated; the search
-(``sparse_repair.select.search.search_allocation``, ERK-to-LAMP family, criterion KL) runs on
-the same calibration images and chooses by its label-free score on disjoint scoring images;
-then the chosen allocation is evaluated. Labels are used only here, for the table, never by the
-search. The family's endpoints are the ERK and LAMP pipelines themselves, so their true top-1
-is taken from the search's own evaluations (``observe``), not recomputed.
+(``sparse_repair.select.search.search_allocation``, criterion KL) runs on the same calibration
+images and chooses by its label-free score on disjoint scoring images; then the chosen
+allocation is evaluated. Labels are used only here, for the table, never by the search.
+
+With ``--anchors auto`` (default, the library default) the search itself evaluates every
+candidate fixed allocation first and searches the family between the two best by KL; the fixed
+allocations' top-1 is taken from those evaluations (``observe``), not recomputed. With a pair
+(``--anchors erk,lamp``, the original family) the pair's pipelines are the family's endpoints
+and the other fixed allocations are pruned, repaired and evaluated here.
 
     python scripts/search_measure.py --models resnet20 --sparsities 0.9,0.95 \\
-        --repairs bn_recal --out results/search_r20_bn.jsonl
+        --repairs bn_recal --out results/search_auto_r20_bn.jsonl
 
 One JSON line per regime is appended to --out as soon as it finishes (a long run keeps what it
 measured); the table is printed at the end, and ``--table FILE.jsonl`` prints it from a file.
@@ -35,28 +39,47 @@ from sparse_repair.weights import load_pretrained
 
 def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str, seed: int,
             calib: int, scoring: int, n_eval: int, fixed: list[str], criterion: str,
-            grid: int = 5, refine: int = 2) -> dict:
+            grid: int = 5, refine: int = 2, anchors: str | tuple[str, str] = "auto",
+            candidates: list[str] | None = None) -> dict:
+    """One regime: returns the JSON record (fixed rows, search choice, every point's scores and
+    true top-1 on ``n_eval`` stratified test images)."""
     dense = load_pretrained(model_name)
     images = calibration_set(dataset, calib, seed)
     score_images = scoring_set(dataset, scoring, seed, calib=calib)
     dense_logits = predict_logits(dense, score_images)
-    top1 = {}  # t -> true top-1 (labels: reporting only)
+    top1 = {}  # t -> true top-1 of a family point (labels: reporting only)
+    fixed_top1 = {}  # candidate name -> true top-1 (anchors="auto")
 
     def observe(point, model):
-        top1[point.t] = evaluate(model, dataset, n_eval)["top1"]
-        print(f"  t={point.t:<7g} kl {point.kl:.4f} agree {point.agreement:5.1f} top-1 "
-              f"{top1[point.t]:5.2f} ({point.seconds:.0f}s)", file=sys.stderr, flush=True)
+        acc = evaluate(model, dataset, n_eval)["top1"]
+        if point.t is None:
+            fixed_top1[point.method] = acc
+        else:
+            top1[point.t] = acc
+        print(f"  {point.method:<32} kl {point.kl:.4f} agree {point.agreement:5.1f} top-1 "
+              f"{acc:5.2f} ({point.seconds:.0f}s)", file=sys.stderr, flush=True)
 
+    auto = anchors == "auto"
     result = search_allocation(dense, sparsity, images, score_images, repair=repair_name,
                                criterion=criterion, keep_model=False, observe=observe,
-                               grid=grid, refine=refine)
-    for p in result.points:  # reused points share their twin's model, hence its accuracy
-        if p.t not in top1:
-            twin = next(q for q in result.points if q.keep == p.keep and q.t in top1)
-            top1[p.t] = top1[twin.t]
+                               grid=grid, refine=refine, anchors=anchors,
+                               candidates=(candidates if auto else None))
+    # Reused points (same counts as an earlier evaluation) share its model, hence its accuracy.
+    evaluated = [(q.keep, fixed_top1[q.method]) for q in result.fixed if not q.reused]
+    evaluated += [(q.keep, top1[q.t]) for q in result.points if q.t in top1]
+    for q in result.fixed:
+        fixed_top1.setdefault(q.method, next(acc for k, acc in evaluated if k == q.keep))
+    for p in result.points:
+        top1.setdefault(p.t, next(acc for k, acc in evaluated if k == p.keep))
     rows = {}
+    by_method = {q.method: q for q in result.fixed}
     for method in fixed:
-        if method == result.anchors[0] or method == result.anchors[1]:
+        if method in by_method:
+            q = by_method[method]
+            rows[method] = {"top1": fixed_top1[method], "kl": q.kl, "agreement": q.agreement,
+                            "seconds": q.seconds, "collapsed": q.collapsed}
+            continue
+        if not auto and method in result.anchors:
             t = 0.0 if method == result.anchors[0] else 1.0
             p = next(q for q in result.points if q.t == t)
             rows[method] = {"top1": top1[t], "kl": p.kl, "agreement": p.agreement,
@@ -72,7 +95,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
         s = label_free_scores(predict_logits(model, score_images), dense_logits)
         rows[method] = {"top1": evaluate(model, dataset, n_eval)["top1"], **s,
                         "seconds": time.perf_counter() - tic, "collapsed": alloc.collapsed}
-        print(f"  {method:<16} kl {s['kl']:.4f} agree {s['agreement']:5.1f} top-1 "
+        print(f"  {method:<32} kl {s['kl']:.4f} agree {s['agreement']:5.1f} top-1 "
               f"{rows[method]['top1']:5.2f}", file=sys.stderr, flush=True)
     best_fixed = max(rows, key=lambda m: rows[m]["top1"])
     by_kl = min(rows, key=lambda m: rows[m]["kl"])
@@ -80,10 +103,13 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
     return {"model": model_name, "dataset": dataset, "sparsity": sparsity,
             "repair": repair_name, "seed": seed, "calib": calib, "scoring": scoring,
             "n_eval": n_eval, "criterion": criterion, "grid": grid, "refine": refine,
+            "anchors_mode": "auto" if auto else "pair", "anchors": list(result.anchors),
+            "candidates": [q.method for q in result.fixed],
             "fixed": rows,
             "best_fixed": best_fixed, "best_fixed_top1": rows[best_fixed]["top1"],
             "fixed_by_criterion": by_kl, "fixed_by_criterion_top1": rows[by_kl]["top1"],
-            "search_t": result.t, "search_top1": top1[result.t],
+            "search_t": result.t, "search_method": result.allocation.method,
+            "search_top1": top1[result.t],
             "gain_over_best_fixed": top1[result.t] - rows[best_fixed]["top1"],
             "family_oracle_t": oracle_t, "family_oracle_top1": top1[oracle_t],
             "points": [{**p.to_dict(), "top1": top1[p.t]} for p in result.points],
@@ -92,7 +118,8 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
 
 def table(records: list[dict]) -> str:
     fixed = list(records[0]["fixed"]) if records else []
-    head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "search t",
+    head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "anchors",
+            "search t",
             "search", "search - best fixed", "family oracle (t)", "evals", "search s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
@@ -100,6 +127,8 @@ def table(records: list[dict]) -> str:
                  *[f"{r['fixed'][m]['top1']:.2f}" for m in fixed],
                  f"{r['best_fixed_top1']:.2f} ({r['best_fixed']})",
                  f"{r['fixed_by_criterion_top1']:.2f} ({r['fixed_by_criterion']})",
+                 ("auto: " if r.get("anchors_mode") == "auto" else "")
+                 + "-".join(r.get("anchors", ["erk", "lamp"])),
                  f"{r['search_t']:g}", f"{r['search_top1']:.2f}",
                  f"{r['gain_over_best_fixed']:+.2f}",
                  f"{r['family_oracle_top1']:.2f} ({r['family_oracle_t']:g})",
@@ -120,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--fixed", default="erk,lamp,uniform,global_magnitude")
     ap.add_argument("--criterion", default="kl")
+    ap.add_argument("--anchors", default="auto",
+                    help="'auto' (default) or a pair such as erk,lamp (the original family)")
+    ap.add_argument("--candidates", default="erk,lamp,uniform,global_magnitude",
+                    help="the allocators --anchors auto evaluates first")
     ap.add_argument("--grid", type=int, default=5)
     ap.add_argument("--refine", type=int, default=2)
     ap.add_argument("--out", help="append one JSON line per regime to this file")
@@ -137,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 rec = measure(model, sparsity, rep, dataset=args.dataset, seed=args.seed,
                               calib=args.calib, scoring=args.scoring, n_eval=args.n_eval,
                               fixed=args.fixed.split(","), criterion=args.criterion,
-                              grid=args.grid, refine=args.refine)
+                              grid=args.grid, refine=args.refine,
+                              anchors=("auto" if args.anchors == "auto"
+                                       else tuple(args.anchors.split(","))),
+                              candidates=args.candidates.split(","))
                 records.append(rec)
                 if args.out:
                     with open(args.out, "a") as f:

@@ -1,7 +1,9 @@
 """Repair-aware allocation search (sparse_repair.select.search, issue #19): the ERK-to-LAMP
 family is exact at every point and is the anchors at its ends; the search chooses the best
 point it evaluated by its label-free criterion, reads no label, is deterministic and leaves the
-dense model unchanged; bad input is refused before any work.
+dense model unchanged; with anchors="auto" the fixed candidates are evaluated first, the family
+runs between the two best, and the choice is never worse by the criterion than any of them;
+bad input is refused before any work.
 
 Kept fast for CI: ResNet-8 on digits (baselines/checkpoints/resnet8-digits.pt), 64 calibration
 and 100 scoring images, grid 3 + 1 refinement round (at most 5 repairs per search)."""
@@ -26,6 +28,8 @@ from sparse_repair.weights import load_trained
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt")
 SMALL = {"grid": 3, "refine": 1}
+PAIR = ("erk", "lamp")  # the original family, given explicitly (the default is "auto")
+CANDIDATES = ("erk", "lamp", "uniform", "global_magnitude")
 pytestmark = pytest.mark.filterwarnings("ignore::sparse_repair.allocation.LayerCollapseWarning")
 
 
@@ -61,8 +65,22 @@ def searched(setting):
     seen = []
     with pytest.MonkeyPatch.context() as mp:
         _no_labels(mp)
-        result = search_allocation(dense, 0.9, calib, scoring,
+        result = search_allocation(dense, 0.9, calib, scoring, anchors=PAIR,
                                    observe=lambda p, m: seen.append(p.t), **SMALL)
+    return result, before, seen
+
+
+@pytest.fixture(scope="module")
+def auto_searched(setting):
+    """One anchors="auto" search (the default) at 0.9 (bn_recal, KL) with every label source
+    refusing, and the dense model's state before it; ``seen`` the observed points."""
+    dense, calib, scoring = setting
+    before = copy.deepcopy(dense.state_dict())
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        _no_labels(mp)
+        result = search_allocation(dense, 0.9, calib, scoring,
+                                   observe=lambda p, m: seen.append((p.method, p.t)), **SMALL)
     return result, before, seen
 
 
@@ -167,7 +185,8 @@ def test_dense_model_is_unchanged(searched, setting):
 
 def test_search_is_deterministic(searched, setting):
     dense, calib, scoring = setting
-    again = search_allocation(dense, 0.9, calib, scoring, keep_model=False, **SMALL)
+    again = search_allocation(dense, 0.9, calib, scoring, anchors=PAIR, keep_model=False,
+                              **SMALL)
     first = searched[0]
     assert again.t == first.t
     assert np.array_equal(again.allocation.keep, first.allocation.keep)
@@ -179,6 +198,116 @@ def test_no_label_is_read(searched):
     """The module fixture ran the whole search with every label source raising; it finished
     and evaluated points, so no label reached it."""
     assert searched[0].evaluations >= 2
+
+
+# ----------------------------------------------------------------------------- anchors="auto"
+
+def _kl_rank(p):
+    return (p.kl, -p.agreement)
+
+
+def test_auto_evaluates_every_candidate_as_the_fixed_pipeline(auto_searched, setting):
+    """The candidates are the fixed allocations themselves, each pruned and repaired as a fixed
+    pipeline would be: counts equal ``allocate``'s and scores are reproduced independently."""
+    from sparse_repair.pruning import prune_
+    from sparse_repair.repair import repair
+
+    dense, calib, scoring = setting
+    result = auto_searched[0]
+    assert [p.method for p in result.fixed] == list(CANDIDATES)
+    assert all(p.t is None for p in result.fixed)
+    dense_logits = predict_logits(dense, scoring)
+    for p in result.fixed:
+        alloc = allocate(dense, p.method, 0.9)
+        assert p.keep == alloc.keep.tolist(), p.method
+        model = copy.deepcopy(dense)
+        prune_(model, alloc)
+        repair(model, "bn_recal", calib, dense=dense)
+        s = label_free_scores(predict_logits(model, scoring), dense_logits)
+        assert s == {"agreement": p.agreement, "kl": p.kl}, p.method
+
+
+def test_auto_is_never_worse_by_the_criterion_than_any_fixed_candidate(auto_searched):
+    result = auto_searched[0]
+    assert len(result.fixed) == len(CANDIDATES)
+    for p in result.fixed:
+        assert _kl_rank(result.best) <= _kl_rank(p), p.method
+    # ... and it is the best point evaluated at all, family and candidates together.
+    assert _kl_rank(result.best) == min(_kl_rank(p) for p in result.points + result.fixed)
+    alloc = result.allocation
+    assert alloc.keep_total == _target_keep(alloc, 0.9)
+    assert (alloc.keep >= 0).all() and (alloc.keep <= alloc.sizes).all()
+    assert alloc.keep.tolist() == result.best.keep
+
+
+def test_auto_anchors_are_the_two_best_candidates_and_the_family_ends(auto_searched, setting):
+    result, _, seen = auto_searched
+    ranked = sorted(range(len(result.fixed)),
+                    key=lambda i: (*_kl_rank(result.fixed[i]), i))
+    assert result.fixed[ranked[0]].keep != result.fixed[ranked[1]].keep  # this setting
+    assert result.anchors == (CANDIDATES[ranked[0]], CANDIDATES[ranked[1]])
+    assert result.allocation.method.startswith(f"search({result.anchors[0]},{result.anchors[1]},")
+    # The family's ends are those two evaluations, reused (no second repair), scores included.
+    for t, name in ((0.0, result.anchors[0]), (1.0, result.anchors[1])):
+        end = next(p for p in result.points if p.t == t)
+        fixed = next(p for p in result.fixed if p.method == name)
+        assert end.reused and (end.keep, end.kl, end.agreement) == \
+            (fixed.keep, fixed.kl, fixed.agreement)
+    # Interior points are the interpolation between the chosen anchors.
+    a, b = (allocate(setting[0], n, 0.9) for n in result.anchors)
+    for p in result.points:
+        assert p.keep == interpolate(a, b, p.t).keep.tolist()
+    new = [p for p in result.fixed + result.points if not p.reused]
+    assert result.evaluations == len(new) == len(seen)
+    assert len(CANDIDATES) <= result.evaluations <= \
+        len(CANDIDATES) + SMALL["grid"] + 2 * SMALL["refine"] - 2
+    assert seen == [(p.method, p.t) for p in new]
+
+
+def test_auto_pairs_two_different_allocations(setting, monkeypatch):
+    """A candidate with the same counts as a better one is reused (not repaired again) and is
+    skipped as the second anchor: the family runs between different allocations."""
+    dense, calib, scoring = setting
+    real = search_mod.allocate
+
+    def clone_lamp(model, method, *args, **kwargs):  # "uniform" becomes a copy of LAMP
+        return real(model, "lamp" if method == "uniform" else method, *args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "allocate", clone_lamp)
+    r = search_allocation(dense, 0.9, calib, scoring, candidates=("lamp", "uniform", "erk"),
+                          grid=2, refine=0, keep_model=False)
+    lamp, twin, erk = r.fixed
+    assert twin.reused and not lamp.reused and (twin.kl, twin.keep) == (lamp.kl, lamp.keep)
+    # LAMP ranks first here (KL), so its twin ranks second and the rule is exercised.
+    assert r.anchors == ("lamp", "erk")  # never ("lamp", "uniform"): same counts
+    assert r.evaluations == 2
+
+
+def test_auto_returns_the_choice_model_and_leaves_the_dense_model(auto_searched, setting):
+    dense, _, scoring = setting
+    result, before, _ = auto_searched
+    s = label_free_scores(predict_logits(result.model, scoring), predict_logits(dense, scoring))
+    assert s == {"agreement": result.best.agreement, "kl": result.best.kl}
+    after = dense.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_auto_is_deterministic(auto_searched, setting):
+    dense, calib, scoring = setting
+    again = search_allocation(dense, 0.9, calib, scoring, keep_model=False, **SMALL)
+    first = auto_searched[0]
+    assert (again.anchors, again.t) == (first.anchors, first.t)
+    assert np.array_equal(again.allocation.keep, first.allocation.keep)
+    key = [(p.method, p.t, p.keep, p.kl, p.agreement, p.reused)
+           for p in first.fixed + first.points]
+    assert [(p.method, p.t, p.keep, p.kl, p.agreement, p.reused)
+            for p in again.fixed + again.points] == key
+
+
+def test_auto_reads_no_label(auto_searched):
+    """The auto fixture ran the whole search, candidates included, with every label source
+    raising (test_the_label_guard_itself_fires shows the guard is live)."""
+    assert auto_searched[0].evaluations >= len(CANDIDATES)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -200,6 +329,11 @@ def no_work(monkeypatch):
     ({"repair_options": {"shrinkag": "x"}, "repair": "asr"}, TypeError, "shrinkag"),
     ({"anchors": ("erk", "lampp")}, ValueError, r"unknown allocator\(s\) \['lampp'\]"),
     ({"anchors": ("erk", "erk")}, ValueError, "two different allocators"),
+    ({"anchors": "erk"}, ValueError, "'auto' or two different allocators, got 'erk'"),
+    ({"candidates": ("erk",)}, ValueError, "two or more different allocators"),
+    ({"candidates": ("erk", "erk")}, ValueError, "two or more different allocators"),
+    ({"candidates": ("erk", "lamq")}, ValueError, r"\['lamq'\] in candidates"),
+    ({"anchors": PAIR, "candidates": CANDIDATES}, ValueError, "pass candidates=None"),
     ({"criterion": "accuracy"}, ValueError, "unknown criterion 'accuracy'"),
     ({"grid": 1}, ValueError, "grid must be an int >= 2"),
     ({"calibration": torch.zeros(0, 3, 8, 8)}, ValueError, "empty"),

@@ -6,10 +6,13 @@
     result.to_dict()     # every candidate's label-free scores (and, with evaluate, top-1)
 
 Modules: ``api`` (``SelectConfig``, ``select``, ``SelectResult``, ``choose``) and ``search``
-(``search_allocation``, the repair-aware allocator). Layering: this
+(``search_allocation``, the repair-aware allocator: by default the fixed allocators first, then
+the family between the two best; docs/search.md). Layering: this
 package sits beside ``study`` above ``run``; nothing below it imports it.
 """
 
 from .api import SelectConfig, SelectResult, select
+from .search import SearchPoint, SearchResult, interpolate, search_allocation
 
-__all__ = ["SelectConfig", "SelectResult", "select"]
+__all__ = ["SearchPoint", "SearchResult", "SelectConfig", "SelectResult", "interpolate",
+           "search_allocation", "select"]

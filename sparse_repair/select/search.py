@@ -30,10 +30,22 @@ A layer that one anchor empties (ERK at extreme sparsity) stays empty for every 
 propagate through a geometric mean. ``min_keep`` prevents it (it is passed to both anchors and
 used as the floor of every point).
 
+Anchors chosen by the criterion (``anchors="auto"``, the default). The ERK-to-LAMP family does
+not contain uniform or global magnitude, and global magnitude was the best fixed rule at
+ResNet-20 0.9 with bn_recal (docs/search.md: the ERK-LAMP search lost 0.70 pt to it while KL
+ranked the fixed rules correctly). So by default every candidate fixed allocator (``candidates``,
+default ERK, LAMP, uniform, global magnitude) is first pruned, repaired and scored; the two
+best by the criterion (with different keep counts, when any two differ) become A and B, and the
+family between them is searched as below. Its ends are those two evaluations (reused, not
+repaired again), so the choice is the best evaluated point overall and is never worse by the
+criterion than any candidate fixed allocation.
+
 The search: a grid of ``grid`` equally spaced t (default 5: 0, 1/4, 1/2, 3/4, 1), then
 ``refine`` rounds (default 2) that evaluate the two neighbours of the best point at half the
-previous spacing (1/8, then 1/16): at most grid + 2 * refine = 9 repair + score evaluations,
-plus one dense forward pass over the scoring images. Points whose integer counts equal an
+previous spacing (1/8, then 1/16): at most grid + 2 * refine = 9 repair + score evaluations
+(with "auto": the candidates first, len(candidates) = 4 evaluations, then at most 9 family
+points whose two ends are candidates already evaluated, so at most 4 + 7 = 11 repairs), plus one
+dense forward pass over the scoring images. Points whose integer counts equal an
 already evaluated point's reuse its scores (not counted as evaluations). The criterion:
 "kl" (default), the lowest mean KL(p_dense || p_pruned) over the scoring images; "agreement",
 the highest top-1 agreement with the dense model. Ties go to the other criterion, then the
@@ -70,24 +82,28 @@ from ..repair import repair as run_repair  # the ``repair`` argument names the m
 from ..repair.engine import batchnorms
 
 CRITERIA = ("kl", "agreement")
-DEFAULT_ANCHORS = ("erk", "lamp")
+DEFAULT_ANCHORS = ("erk", "lamp")  # the fixed pair of the original family (anchors=...)
+DEFAULT_CANDIDATES = ("erk", "lamp", "uniform", "global_magnitude")  # anchors="auto"
 
 
 @dataclass
 class SearchPoint:
-    """One evaluated point of the family: ``t`` in [0, 1]; ``keep`` the int keep count per
-    layer (allocation order); ``agreement`` (percent, 0-100) and ``kl`` (nats, mean
+    """One evaluated allocation: a point of the family (``t`` in [0, 1]) or, with
+    ``anchors="auto"``, a candidate fixed allocation (``t`` None). ``method`` the allocation's
+    method ("search(A,B,t=...)" or the candidate's allocator name); ``keep`` the int keep count
+    per layer (allocation order); ``agreement`` (percent, 0-100) and ``kl`` (nats, mean
     KL(p_dense || p_pruned)) on the scoring images after the repair; ``collapsed`` the layers
     left with zero weights; ``seconds`` wall time of prune + repair + score (0 when
     ``reused``: same integer counts as an earlier point, scores copied)."""
 
-    t: float
+    t: float | None
     keep: list[int]
     agreement: float
     kl: float
     collapsed: list[str]
     seconds: float
     reused: bool = False
+    method: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,10 +115,12 @@ class SearchResult:
 
     ``allocation``: the chosen exact-count Allocation (the type ``allocate`` returns; ``method``
     reads ``search(A,B,t=...)``); ``t`` its parameter; ``criterion`` the one it was chosen by;
-    ``anchors`` (A, B); ``repair`` and ``repair_options`` as run; ``points`` every evaluated
-    point in evaluation order; ``evaluations`` the repairs run (reused points excluded);
-    ``seconds`` the whole search; ``model`` the pruned and repaired model at the choice (None
-    when ``keep_model=False``)."""
+    ``anchors`` (A, B) as searched (with "auto", the two best candidates by the criterion);
+    ``repair`` and ``repair_options`` as run; ``points`` every evaluated point of the family in
+    evaluation order; ``fixed`` the candidate fixed allocations evaluated before the family, in
+    ``candidates`` order (``anchors="auto"``; empty for a given pair); ``evaluations`` the
+    repairs run (reused points excluded, candidates included); ``seconds`` the whole search;
+    ``model`` the pruned and repaired model at the choice (None when ``keep_model=False``)."""
 
     allocation: Allocation
     t: float
@@ -114,6 +132,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     model: nn.Module | None = field(default=None, repr=False)
+    fixed: list[SearchPoint] = field(default_factory=list)
 
     @property
     def best(self) -> SearchPoint:
@@ -125,14 +144,17 @@ class SearchResult:
                 "repair": self.repair, "repair_options": self.repair_options,
                 "evaluations": self.evaluations, "seconds": self.seconds,
                 "points": [p.to_dict() for p in self.points],
+                "fixed": [p.to_dict() for p in self.fixed],
                 "allocation": self.allocation.to_dict()}
 
 
-def _rank(point: SearchPoint, criterion: str) -> tuple:
-    """Sort key, lower is better: the criterion, then the other one, then the lower t."""
+def _rank(point: SearchPoint, criterion: str, tie: float | None = None) -> tuple:
+    """Sort key, lower is better: the criterion, then the other one, then ``tie`` (default
+    the point's t: the lower t wins; candidates pass their position in ``candidates``)."""
+    last = point.t if tie is None else tie
     if criterion == "kl":
-        return (point.kl, -point.agreement, point.t)
-    return (-point.agreement, point.kl, point.t)
+        return (point.kl, -point.agreement, last)
+    return (-point.agreement, point.kl, last)
 
 
 def _digests(x: torch.Tensor) -> set[bytes]:
@@ -140,18 +162,41 @@ def _digests(x: torch.Tensor) -> set[bytes]:
             for img in x.detach().cpu().contiguous()}
 
 
+def _check_anchors(anchors, candidates) -> tuple[str, ...]:
+    """The allocators to evaluate first ("auto": ``candidates``, default DEFAULT_CANDIDATES) or
+    the given pair; ValueError for anything else."""
+    if isinstance(anchors, str):
+        if anchors != "auto":
+            raise ValueError(f"anchors must be 'auto' or two different allocators, got "
+                             f"{anchors!r}")
+        names = tuple(DEFAULT_CANDIDATES if candidates is None else candidates)
+        if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names) \
+                or len(names) < 2:
+            raise ValueError(f"candidates must be two or more different allocators, got "
+                             f"{names!r}")
+        what = "candidates"
+    else:
+        names = tuple(anchors)
+        if len(names) != 2 or names[0] == names[1]:
+            raise ValueError(f"anchors must be 'auto' or two different allocators, got "
+                             f"{names!r}")
+        if candidates is not None:
+            raise ValueError("candidates are the allocators anchors='auto' chooses from; with "
+                             f"a given pair {names!r} pass candidates=None")
+        what = "anchors"
+    unknown = [a for a in names if a not in ALLOCATORS]
+    if unknown:
+        raise ValueError(f"unknown allocator(s) {unknown} in {what}; choose from "
+                         f"{', '.join(ALLOCATORS)}")
+    return names
+
+
 def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_options, criterion,
-                  anchors, grid, refine):
+                  anchors, candidates, grid, refine):
     """Every input check, before any work; returns (calibration, scoring, resolved options)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    anchors = tuple(anchors)
-    if len(anchors) != 2 or anchors[0] == anchors[1]:
-        raise ValueError(f"anchors must be two different allocators, got {anchors!r}")
-    unknown = [a for a in anchors if a not in ALLOCATORS]
-    if unknown:
-        raise ValueError(f"unknown allocator(s) {unknown} in anchors; choose from "
-                         f"{', '.join(ALLOCATORS)}")
+    _check_anchors(anchors, candidates)
     if repair_name not in REPAIRS:
         raise ValueError(f"unknown repair method {repair_name!r}; choose one of "
                          f"{', '.join(REPAIRS)}")
@@ -185,13 +230,15 @@ def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_opt
 def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tensor,
                       scoring: torch.Tensor, *, repair: str = "bn_recal",
                       repair_options: dict | None = None, criterion: str = "kl",
-                      anchors: Sequence[str] = DEFAULT_ANCHORS, exclude: Sequence[str] = (),
+                      anchors: str | Sequence[str] = "auto",
+                      candidates: Sequence[str] | None = None, exclude: Sequence[str] = (),
                       min_keep: int = 0, grid: int = 5, refine: int = 2,
                       keep_model: bool = True, chunk_size: int = 256,
                       observe: Callable[[SearchPoint, nn.Module], None] | None = None,
                       progress: bool = False) -> SearchResult:
-    """The allocation of the ERK-to-LAMP family (module docstring; docs/search.md) that the
-    label-free criterion prefers after the given repair.
+    """The allocation that the label-free criterion prefers after the given repair, among the
+    candidate fixed allocations and the geometric family between the two best of them (module
+    docstring; docs/search.md).
 
     Args:
         dense: the unpruned model (any device; never modified: every point prunes a copy).
@@ -203,26 +250,37 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         repair: a registered repair method (``repair.REPAIRS``); ``repair_options`` its options.
         criterion: "kl" (lowest mean KL(p_dense || p_pruned), default) or "agreement" (highest
             top-1 agreement with the dense model), ``evaluate.label_free_scores``.
-        anchors: the two allocators at t = 0 and t = 1 (default ("erk", "lamp")).
-        exclude, min_keep: as in ``allocate``; passed to both anchors, ``min_keep`` is also the
-            floor of every interior point.
+        anchors: "auto" (default): evaluate every allocator of ``candidates`` after the
+            repair, then search the family between the two best by the criterion (two with
+            different keep counts when any two differ; ties go to the other criterion, then to
+            the earlier candidate); or a pair of allocators at t = 0 and t = 1, e.g.
+            ("erk", "lamp"), the family searched without the candidate step.
+        candidates: the allocators "auto" evaluates, two or more (default
+            ("erk", "lamp", "uniform", "global_magnitude")); only with ``anchors="auto"``.
+        exclude, min_keep: as in ``allocate``; passed to every anchor and candidate,
+            ``min_keep`` is also the floor of every interior point.
         grid, refine: grid points (>= 2) and refinement rounds (>= 0); at most
-            grid + 2 * refine repair + score evaluations.
+            grid + 2 * refine family evaluations (with "auto", plus len(candidates), less the
+            family's two ends, which are candidates already evaluated).
         keep_model: return the repaired model at the choice as ``result.model``.
         chunk_size: the repair's chunk size (images per forward).
-        observe: called as observe(point, model) after each new evaluation with the pruned and
-            repaired model (for reporting only, e.g. a labeled accuracy in a measurement
-            script; it must not modify the model, which may become ``result.model``).
+        observe: called as observe(point, model) after each new evaluation (candidates
+            included, ``point.t`` None for them) with the pruned and repaired model (for
+            reporting only, e.g. a labeled accuracy in a measurement script; it must not modify
+            the model, which may become ``result.model``).
         progress: a progress bar with ETA on stderr.
     Returns:
         SearchResult; ``allocation.keep`` sums exactly to N - round(S * N) with every layer
-        within [min(min_keep, size), size] (excluded layers dense).
-    Raises (before any pruning or repair): ValueError for an unknown criterion, anchor or
-        repair, a sparsity outside [0, 1) (TypeError for a non-number), grid < 2 or refine < 0,
-        a dense model that ``repair.check_model`` refuses or without BatchNorm for a BN repair,
-        empty or non-4-D images, calibration and scoring images of different [C, H, W], or a
-        scoring image bit-for-bit equal to a calibration image; TypeError for images given as a
-        tuple or list (what a labeled loader yields) or an option the repair does not take.
+        within [min(min_keep, size), size] (excluded layers dense). With "auto" the chosen
+        point is never worse by the criterion than any candidate in ``result.fixed``.
+    Raises (before any pruning or repair): ValueError for an unknown criterion, anchor,
+        candidate or repair, anchors neither "auto" nor two different allocators, fewer than
+        two different candidates or candidates given with a pair of anchors, a sparsity outside
+        [0, 1) (TypeError for a non-number), grid < 2 or refine < 0, a dense model that
+        ``repair.check_model`` refuses or without BatchNorm for a BN repair, empty or non-4-D
+        images, calibration and scoring images of different [C, H, W], or a scoring image
+        bit-for-bit equal to a calibration image; TypeError for images given as a tuple or list
+        (what a labeled loader yields) or an option the repair does not take.
         Overlap is checked only as exact equality: a scoring image that is an augmented or
         re-encoded calibration image cannot be detected, so draw the two with
         ``data.calibration_set`` and ``data.scoring_set`` (disjoint by construction). The
@@ -232,8 +290,10 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     """
     start = time.perf_counter()
     calib, score, opts = _check_inputs(dense, sparsity, calibration, scoring, repair,
-                                       repair_options, criterion, anchors, grid, refine)
-    anchors = (anchors[0], anchors[1])
+                                       repair_options, criterion, anchors, candidates, grid,
+                                       refine)
+    auto = isinstance(anchors, str)
+    names = _check_anchors(anchors, candidates)
     options = dataclasses.asdict(opts)
     device = next(t.device for t in [*dense.parameters(), *dense.buffers()])
     calib, score = calib.to(device), score.to(device)
@@ -241,28 +301,24 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         # The anchors' own collapse warnings would name allocations that may not be chosen;
         # the choice is warned about below.
         warnings.simplefilter("ignore", LayerCollapseWarning)
-        ends = [allocate(dense, a, sparsity, exclude=exclude, min_keep=min_keep)
-                for a in anchors]
-    a, b = ends
+        allocs = {n: allocate(dense, n, sparsity, exclude=exclude, min_keep=min_keep)
+                  for n in names}
     dense_logits = predict_logits(dense, score)
-    max_evals = grid + 2 * refine
-    bar = progress_bar(max_evals, f"search {anchors[0]}->{anchors[1]} {repair}",
-                       enabled=progress, unit="eval")
-    points: dict[float, SearchPoint] = {}
+    max_evals = (len(names) + grid + 2 * refine - 2) if auto else grid + 2 * refine
+    label = "auto " + ",".join(names) if auto else f"{names[0]}->{names[1]}"
+    bar = progress_bar(max_evals, f"search {label} {repair}", enabled=progress, unit="eval")
     by_keep: dict[bytes, SearchPoint] = {}
-    best: list = [None, None]  # [SearchPoint, model]
+    best: list = [None, None, None]  # [SearchPoint, rank, model]
     evaluations = 0
 
-    def visit(t: float) -> None:
+    def evaluate_at(alloc: Allocation, t: float | None, method: str,
+                    rank_tie: float | None = None) -> SearchPoint:
+        """Prune a copy to ``alloc``, repair, score; or reuse the scores of equal counts."""
         nonlocal evaluations
-        if t in points:
-            return
-        alloc = interpolate(a, b, t)
         key = alloc.keep.tobytes()
         if key in by_keep:
-            old = by_keep[key]
-            points[t] = dataclasses.replace(old, t=t, seconds=0.0, reused=True)
-            return
+            return dataclasses.replace(by_keep[key], t=t, method=method, seconds=0.0,
+                                       reused=True)
         tic = time.perf_counter()
         model = copy.deepcopy(dense)
         prune_(model, alloc)
@@ -270,14 +326,36 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
                    **dict(repair_options or {}))
         s = label_free_scores(predict_logits(model, score), dense_logits)
         point = SearchPoint(t, [int(k) for k in alloc.keep], s["agreement"], s["kl"],
-                            alloc.collapsed, time.perf_counter() - tic)
-        points[t] = by_keep[key] = point
+                            alloc.collapsed, time.perf_counter() - tic, method=method)
+        by_keep[key] = point
         evaluations += 1
         if observe is not None:
             observe(point, model)
-        if best[0] is None or _rank(point, criterion) < _rank(best[0], criterion):
-            best[:] = [point, model if keep_model else None]
+        rank = _rank(point, criterion, rank_tie)
+        if best[0] is None or rank < best[1]:
+            best[:] = [point, rank, model if keep_model else None]
         bar.update(1)
+        return point
+
+    fixed: list[SearchPoint] = []
+    if auto:
+        for i, n in enumerate(names):
+            fixed.append(evaluate_at(allocs[n], None, n, rank_tie=float(i)))
+        order = sorted(range(len(names)), key=lambda i: _rank(fixed[i], criterion, float(i)))
+        first = order[0]
+        second = next((i for i in order[1:] if fixed[i].keep != fixed[first].keep), order[1])
+        pair = (names[first], names[second])
+    else:
+        pair = (names[0], names[1])
+    a, b = allocs[pair[0]], allocs[pair[1]]
+    points: dict[float, SearchPoint] = {}
+
+    def visit(t: float) -> None:
+        if t not in points:
+            # The ends are the anchors themselves (interpolate reproduces them count for count;
+            # taking them directly makes "never worse than the anchors" structural).
+            alloc = a if t == 0.0 else b if t == 1.0 else interpolate(a, b, t)
+            points[t] = evaluate_at(alloc, t, f"search({pair[0]},{pair[1]},t={t:g})")
 
     for t in np.linspace(0.0, 1.0, grid).tolist():
         visit(float(t))
@@ -290,16 +368,24 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         step /= 2
     bar.close()
     chosen = min(points.values(), key=lambda p: _rank(p, criterion))
-    model = best[1] if keep_model and best[0].keep == chosen.keep else None
-    alloc = _allocation(a, np.array(chosen.keep, dtype=np.int64), anchors, chosen.t)
+    alloc = _allocation(a, np.array(chosen.keep, dtype=np.int64), pair, chosen.t)
+    model = best[2] if keep_model and best[0].keep == chosen.keep else None
+    if keep_model and model is None:
+        # Only on an exact tie of both scores between a candidate and a family point with
+        # other counts: rebuild the choice (prune + repair are deterministic).
+        model = copy.deepcopy(dense)
+        prune_(model, alloc)
+        run_repair(model, repair, calib, dense=dense, chunk_size=chunk_size,
+                   **dict(repair_options or {}))
+        evaluations += 1
     if alloc.collapsed:
         warnings.warn(LayerCollapseWarning(
             f"the searched allocation (t={chosen.t:g}) keeps 0 weights in "
             f"{len(alloc.collapsed)} layer(s): {', '.join(alloc.collapsed)}; pass min_keep=1 "
             "(or more) to keep weights in every layer"), stacklevel=2)
-    return SearchResult(alloc, chosen.t, criterion, anchors, repair, options,
-                        list(points.values()),
-                        evaluations, time.perf_counter() - start, model)
+    return SearchResult(alloc, chosen.t, criterion, pair, repair, options,
+                        list(points.values()), evaluations, time.perf_counter() - start, model,
+                        fixed)
 
 
 def _allocation(like: Allocation, keep: np.ndarray, anchors: tuple[str, str], t: float
