@@ -19,6 +19,10 @@ repair that fails part-way leaves no trace. ``run_paired`` is what a repair meth
 chooses the path (``auto``: one-pass when the models trace), snapshots the BatchNorm state, and
 falls back to ``rerun`` from that snapshot when the one-pass frontier exceeds the memory limit. A
 method only supplies the per-BN ``update``.
+
+``walk_graph`` (node execution, freeing after last use, the memory frontier) and
+``capture_input`` are shared with the layer-wise reconstruction (``reconstruct``), whose walks
+differ only in which nodes run and what happens at the layer being refit.
 """
 
 from __future__ import annotations
@@ -237,6 +241,95 @@ def _lookup(model: nn.Module, gm: torch.fx.GraphModule, target: str):
         return _attr(gm, target)
 
 
+# ----------------------------------------------------------------------------- graph walk
+# The one node-by-node executor of both one-pass walks: the BatchNorm repairs (``run_onepass``
+# below) and the layer-wise reconstruction (``reconstruct.run_onepass``). Each walk supplies
+# which nodes must run and a hook at the nodes it changes (a BN before it normalises, a layer
+# before it is refit); the execution, the freeing after last use and the memory frontier are
+# here once.
+
+Hook = Callable[[torch.fx.Node, dict, dict], None]
+
+
+def execute_node(node: torch.fx.Node, env: dict, model: nn.Module, mods: dict[str, nn.Module],
+                 gm: torch.fx.GraphModule, chunks: list[torch.Tensor]) -> list:
+    """The values of fx ``node`` for ``model``, one per chunk. ``env``: node -> per-chunk
+    values of every input node; ``mods``: ``model``'s named modules. A placeholder is the
+    chunks themselves (the same objects for every model), a get_attr the model's attribute or
+    the trace's constant (``_lookup``), and every call runs chunk by chunk."""
+    k = len(chunks)
+    if node.op == "placeholder":
+        return chunks
+    if node.op == "get_attr":
+        return [_lookup(model, gm, node.target)] * k
+    if node.op == "call_module":
+        mod = mods[node.target]
+        return [mod(*_map_chunk(node.args, env, j), **_map_chunk(node.kwargs, env, j))
+                for j in range(k)]
+    if node.op == "call_function":
+        return [node.target(*_map_chunk(node.args, env, j), **_map_chunk(node.kwargs, env, j))
+                for j in range(k)]
+    if node.op == "call_method":
+        out = []
+        for j in range(k):
+            self_, *rest = _map_chunk(node.args, env, j)
+            out.append(getattr(self_, node.target)(*rest, **_map_chunk(node.kwargs, env, j)))
+        return out
+    raise RuntimeError(f"cannot execute fx node {node.name} of op {node.op!r}; please report")
+
+
+def walk_graph(gm: torch.fx.GraphModule, pruned: nn.Module, dense: nn.Module | None,
+               chunks: list[torch.Tensor], needed: Collection[torch.fx.Node], *,
+               hooked: Collection[torch.fx.Node] = (), before: Hook | None = None,
+               after: Callable[[torch.fx.Node, dict], None] | None = None,
+               memory_limit_bytes: float = float("inf")) -> int:
+    """Execute ``gm`` on P (and on D when given: the same graph, so the caller must have
+    checked that D traces to it) over all chunks, node by node in graph order. Returns the peak
+    live bytes of the node values (placeholders and attributes not counted).
+
+    Only the nodes in ``needed`` run. At each node of ``hooked`` (needed or not),
+    ``before(node, env_p, env_d)`` is called first: the values of its inputs in P and D
+    (``env_*[input][chunk]``; ``env_d`` empty without D) are complete over all chunks and
+    reflect every earlier change, and the hook may change P's module, which then runs with the
+    change. ``after(node, env_p)`` is called once a needed node's values exist. A value is
+    freed after its last use by a needed or hooked node. Raises FrontierTooLarge when the live
+    bytes exceed ``memory_limit_bytes``; whatever a hook or the model raises propagates."""
+    mods_p = dict(pruned.named_modules())
+    mods_d = dict(dense.named_modules()) if dense is not None else {}
+    nodes = list(gm.graph.nodes)
+    hooked = set(hooked)
+    last_use: dict = {}
+    for i, node in enumerate(nodes):
+        if node in needed or node in hooked:
+            for inp in node.all_input_nodes:
+                last_use[inp] = i
+    env_p: dict = {}
+    env_d: dict = {}
+    live = peak = 0
+    for i, node in enumerate(nodes):
+        if node in hooked and before is not None:
+            before(node, env_p, env_d)
+        if node in needed:
+            for env, model, mods in ((env_p, pruned, mods_p), (env_d, dense, mods_d)):
+                if model is None:
+                    continue
+                env[node] = execute_node(node, env, model, mods, gm, chunks)
+                if node.op not in ("placeholder", "get_attr"):
+                    live += _nbytes(env[node])
+            if after is not None:
+                after(node, env_p)
+        for inp in node.all_input_nodes:
+            if last_use.get(inp) == i:
+                for env in (env_p, env_d):
+                    vals = env.pop(inp, None)
+                    if vals is not None and inp.op not in ("placeholder", "get_attr"):
+                        live -= _nbytes(vals)
+        peak = max(peak, live)
+        if peak > memory_limit_bytes:
+            raise FrontierTooLarge(f"live activations reached {peak / 2**30:.2f} GiB")
+    return peak
+
+
 def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Tensor],
                 on_bn: OnBN | None, memory_limit_bytes: float = float("inf"),
                 repair: Collection[str] | None = None, centred: bool = False,
@@ -250,71 +343,32 @@ def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.T
     gm = gm if gm is not None else traced(pruned)
     if gm is None:
         raise RuntimeError("the model does not trace with torch.fx; use path='rerun'")
-    graph_p = gm.graph
     mods_p = dict(pruned.named_modules())
-    mods_d = dict(dense.named_modules()) if dense is not None else {}
-    nodes = list(graph_p.nodes)
-    needed = _needed_nodes(graph_p, mods_p)
-    last_use: dict = {}
-    for i, node in enumerate(nodes):
-        if node in needed:
-            for inp in node.all_input_nodes:
-                last_use[inp] = i
+    needed = _needed_nodes(gm.graph, mods_p)
+    hooked = set() if on_bn is None else {
+        n for n in needed if n.op == "call_module" and isinstance(mods_p[n.target], _BatchNorm)
+        and (repair is None or n.target in repair)}
     seen_bn: set[str] = set()
     seen_moments: dict = {}      # node -> Moments of its value, under the shift they used
     channels: dict = {}          # node -> channel count of its value
-    env_p: dict = {}
-    env_d: dict = {}
-    k = len(chunks)
-    live = peak = 0
-    for i, node in enumerate(nodes):
-        if node not in needed:
-            continue
-        for env, model, mods in ((env_p, pruned, mods_p), (env_d, dense, mods_d)):
-            if model is None:
-                continue
-            if node.op == "placeholder":
-                env[node] = chunks
-            elif node.op == "get_attr":
-                env[node] = [_lookup(model, gm, node.target)] * k
-            elif node.op == "call_module":
-                mod = mods[node.target]
-                if env is env_p and isinstance(mod, _BatchNorm) and on_bn is not None and \
-                        (repair is None or node.target in repair):
-                    if node.target in seen_bn:
-                        raise RuntimeError(f"BatchNorm {node.target} is called twice; the paired "
-                                           "repair needs each BN to see one input")
-                    seen_bn.add(node.target)
-                    on_bn(node.target, mod, _input_moments(
-                        node.args[0], mod.running_mean, env_p,
-                        env_d if dense is not None else None, seen_moments,
-                        channels, centred))
-                env[node] = [mod(*_map_chunk(node.args, env, j), **_map_chunk(node.kwargs, env, j))
-                             for j in range(k)]
-            elif node.op == "call_function":
-                env[node] = [node.target(*_map_chunk(node.args, env, j),
-                                         **_map_chunk(node.kwargs, env, j)) for j in range(k)]
-            elif node.op == "call_method":
-                env[node] = []
-                for j in range(k):
-                    self_, *rest = _map_chunk(node.args, env, j)
-                    env[node].append(getattr(self_, node.target)(
-                        *rest, **_map_chunk(node.kwargs, env, j)))
-            if node.op not in ("placeholder", "get_attr"):
-                live += _nbytes(env[node])
+
+    def at_bn(node: torch.fx.Node, env_p: dict, env_d: dict) -> None:
+        mod = mods_p[node.target]
+        if node.target in seen_bn:
+            raise RuntimeError(f"BatchNorm {node.target} is called twice; the paired "
+                               "repair needs each BN to see one input")
+        seen_bn.add(node.target)
+        on_bn(node.target, mod, _input_moments(
+            node.args[0], mod.running_mean, env_p, env_d if dense is not None else None,
+            seen_moments, channels, centred))
+
+    def record_channels(node: torch.fx.Node, env_p: dict) -> None:
         first = env_p[node][0]
         if isinstance(first, torch.Tensor) and first.dim() >= 2:
             channels[node] = first.shape[1]
-        for inp in node.all_input_nodes:
-            if last_use.get(inp) == i:
-                for env in (env_p, env_d):
-                    vals = env.pop(inp, None)
-                    if vals is not None and inp.op not in ("placeholder", "get_attr"):
-                        live -= _nbytes(vals)
-        peak = max(peak, live)
-        if peak > memory_limit_bytes:
-            raise FrontierTooLarge(f"live activations reached {peak / 2**30:.2f} GiB")
-    return peak
+
+    return walk_graph(gm, pruned, dense, chunks, needed, hooked=hooked, before=at_bn,
+                      after=record_channels, memory_limit_bytes=memory_limit_bytes)
 
 
 class _Stop(Exception):
@@ -335,20 +389,26 @@ def bn_forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return order
 
 
-def _capture_input(model: nn.Module, bn_name: str, x: torch.Tensor) -> torch.Tensor:
-    captured = []
+def capture_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of module ``name`` when ``model`` runs on ``x``; the forward stops there (a
+    temporary pre-hook, removed in ``finally`` whatever happens). The re-run paths of the BN
+    repairs (``run_rerun``) and of the reconstruction (``reconstruct.run_rerun``) both use it.
+    Raises RuntimeError when the forward never calls the module."""
+    captured: list[torch.Tensor] = []
 
     def hook(mod, inp):
         captured.append(inp[0])
         raise _Stop
 
-    handle = dict(model.named_modules())[bn_name].register_forward_pre_hook(hook)
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
     try:
         model(x)
     except _Stop:
         pass
     finally:
         handle.remove()
+    if not captured:
+        raise RuntimeError(f"the forward never called {name!r}; please report")
     return captured[0]
 
 
@@ -362,8 +422,8 @@ def run_rerun(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Ten
     for name in order:
         moments = None
         for x in chunks:
-            s = _capture_input(pruned, name, x)
-            d = _capture_input(dense, name, x) if dense is not None else None
+            s = capture_input(pruned, name, x)
+            d = capture_input(dense, name, x) if dense is not None else None
             moments = merge(moments, sums(s, d, mods_p[name].running_mean))
         on_bn(name, mods_p[name], moments)
     return len(order)

@@ -26,14 +26,16 @@ Two interchangeable paths, as for the BatchNorm repairs (``engine``):
 * ``onepass``: trace P with torch.fx (``engine.traced``: a graph is cached under a key of
   everything tracing sees of the instance, so it is never reused for another instance, issue
   #18) and execute its graph node by node over all calibration chunks, for P and (target
-  "dense") D; at each prunable layer the sums of all chunks are complete before the layer runs,
-  the layer is refit, and P's pass continues with the new weights. Activations are freed after
-  their last use; only nodes that feed some refit layer run. One pass of D and one of P.
+  "dense") D, with the BatchNorm repairs' executor ``engine.walk_graph``; at each prunable
+  layer the sums of all chunks are complete before the layer runs, the layer is refit, and P's
+  pass continues with the new weights. Activations are freed after their last use; only nodes
+  that feed some refit layer run. One pass of D and one of P.
 * ``rerun``: for each layer, run D and P from the input up to that layer (a temporary forward
-  pre-hook captures the layer's input and stops the forward; it is removed in ``finally``, so
-  no hook is left on either model) and accumulate chunk by chunk. About one partial pass of
-  each model per layer; used when a model does not trace or the one-pass live frontier would
-  exceed the memory limit (the weights written so far are then put back first).
+  pre-hook captures the layer's input and stops the forward, ``engine.capture_input``; it is
+  removed in ``finally``, so no hook is left on either model) and accumulate chunk by chunk.
+  About one partial pass of each model per layer; used when a model does not trace or the
+  one-pass live frontier would exceed the memory limit (the weights written so far are then
+  put back first).
 
 Both feed identical chunks, in the same order, to a ``Gram`` seeded per layer, so they draw the
 same positions and agree to float rounding (tested to 1e-5 relative).
@@ -57,7 +59,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from . import engine
-from .engine import FrontierTooLarge, PassResult
+from .engine import FrontierTooLarge, PassResult, capture_input
 from .lstsq import PRIORS, TARGETS, Gram, solve
 
 __all__ = ["PRUNABLE", "LayerPlan", "plan_layers", "reconstruct_"]
@@ -279,43 +281,19 @@ class _Refit:
 
 # ----------------------------------------------------------------------------- one-pass path
 
-def _lookup(model: nn.Module, gm: torch.fx.GraphModule, target: str):
-    """A get_attr target: the model's own attribute, else a constant the trace stored on the
-    GraphModule (a tensor created in forward becomes ``_tensor_constant<i>``)."""
-    obj = model
-    try:
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except AttributeError:
-        obj = gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-
-def _args(args, env: dict, j: int):
-    return torch.fx.node.map_arg(args, lambda n: env[n][j])
-
-
-def _nbytes(values) -> int:
-    return sum(v.numel() * v.element_size() for v in values if isinstance(v, Tensor))
-
-
 def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[Tensor],
                 refit: Callable[[str, Pairs], None], order: Iterable[str],
                 gm: torch.fx.GraphModule, memory_limit_bytes: float = float("inf")) -> int:
     """Execute P's graph ``gm`` (and, when ``dense`` is given, the same graph on D) over all
     chunks, calling ``refit(name, pairs)`` at each layer of ``order`` before P runs it; pairs are
-    (P's input, D's input or None) per chunk. Returns the peak live bytes.
+    (P's input, D's input or None) per chunk. Returns the peak live bytes. The execution is
+    ``engine.walk_graph``, the BatchNorm repairs' walk; this supplies the nodes and the hook.
 
     The caller must have checked that D traces to ``gm``. Raises RuntimeError when a layer of
     ``order`` is called twice or never reached, FrontierTooLarge past ``memory_limit_bytes``."""
     todo = set(order)
-    mods_p = dict(pruned.named_modules())
-    mods_d = dict(dense.named_modules()) if dense is not None else {}
-    nodes = list(gm.graph.nodes)
-    fit_nodes = {n for n in nodes if n.op == "call_module" and n.target in todo}
+    k = len(chunks)
+    fit_nodes = {n for n in gm.graph.nodes if n.op == "call_module" and n.target in todo}
     # only what some refit layer depends on runs: the head after the last layer does not
     needed, stack = set(), [i for n in fit_nodes for i in n.all_input_nodes]
     while stack:
@@ -323,57 +301,18 @@ def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[Tensor]
         if node not in needed:
             needed.add(node)
             stack.extend(node.all_input_nodes)
-    last_use: dict = {}
-    for i, node in enumerate(nodes):
-        if node in needed or node in fit_nodes:
-            for inp in node.all_input_nodes:
-                last_use[inp] = i
-    env_p: dict = {}
-    env_d: dict = {}
-    k = len(chunks)
-    live = peak = 0
     done: set[str] = set()
-    for i, node in enumerate(nodes):
-        if node in fit_nodes:
-            if node.target in done:
-                raise RuntimeError(f"layer {node.target} is called twice; the layer-wise "
-                                   "reconstruction needs each layer to see one input")
-            done.add(node.target)
-            src = node.args[0] if node.args else next(iter(node.kwargs.values()))
-            refit(node.target, zip(env_p[src],
-                                   env_d[src] if dense is not None else [None] * k))
-        if node in needed:
-            for env, model, mods in ((env_p, pruned, mods_p), (env_d, dense, mods_d)):
-                if model is None:
-                    continue
-                if node.op == "placeholder":
-                    env[node] = chunks     # the same objects for P and D: X_s is X_d
-                elif node.op == "get_attr":
-                    env[node] = [_lookup(model, gm, node.target)] * k
-                elif node.op == "call_module":
-                    mod = mods[node.target]
-                    env[node] = [mod(*_args(node.args, env, j), **_args(node.kwargs, env, j))
-                                 for j in range(k)]
-                elif node.op == "call_function":
-                    env[node] = [node.target(*_args(node.args, env, j),
-                                             **_args(node.kwargs, env, j)) for j in range(k)]
-                elif node.op == "call_method":
-                    env[node] = []
-                    for j in range(k):
-                        self_, *rest = _args(node.args, env, j)
-                        env[node].append(getattr(self_, node.target)(
-                            *rest, **_args(node.kwargs, env, j)))
-                if node.op not in ("placeholder", "get_attr"):
-                    live += _nbytes(env[node])
-        for inp in node.all_input_nodes:
-            if last_use.get(inp) == i:
-                for env in (env_p, env_d):
-                    vals = env.pop(inp, None)
-                    if vals is not None and inp.op not in ("placeholder", "get_attr"):
-                        live -= _nbytes(vals)
-        peak = max(peak, live)
-        if peak > memory_limit_bytes:
-            raise FrontierTooLarge(f"live activations reached {peak / 2**30:.2f} GiB")
+
+    def at_layer(node: torch.fx.Node, env_p: dict, env_d: dict) -> None:
+        if node.target in done:
+            raise RuntimeError(f"layer {node.target} is called twice; the layer-wise "
+                               "reconstruction needs each layer to see one input")
+        done.add(node.target)
+        src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        refit(node.target, zip(env_p[src], env_d[src] if dense is not None else [None] * k))
+
+    peak = engine.walk_graph(gm, pruned, dense, chunks, needed, hooked=fit_nodes,
+                             before=at_layer, memory_limit_bytes=memory_limit_bytes)
     missing = [n for n in order if n not in done]
     if missing:
         raise RuntimeError(f"the one-pass walk never reached layer(s) {missing} that the probe "
@@ -382,31 +321,6 @@ def run_onepass(pruned: nn.Module, dense: nn.Module | None, chunks: list[Tensor]
 
 
 # ----------------------------------------------------------------------------- re-run path
-
-class _Stop(Exception):
-    pass
-
-
-def capture_input(model: nn.Module, name: str, x: Tensor) -> Tensor:
-    """The input of module ``name`` when ``model`` runs on ``x``; the forward stops there (a
-    temporary pre-hook, removed in ``finally`` whatever happens)."""
-    captured: list[Tensor] = []
-
-    def hook(mod, inp):
-        captured.append(inp[0])
-        raise _Stop
-
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the forward never called layer {name!r}; please report")
-    return captured[0]
-
 
 def run_rerun(pruned: nn.Module, dense: nn.Module | None, chunks: list[Tensor],
               refit: Callable[[str, Pairs], None], order: Iterable[str]) -> int:
