@@ -1,5 +1,6 @@
 """Benchmark-suite plumbing: measured regimes are cached per session, compared with
-baselines/, printed as one table at the end, and written back only with --update-baselines."""
+baselines/, printed as one table at the end, and written back only with --update-baselines
+(with --update-repairs NAMES: only those repairs' numbers, added to the existing entries)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ GPU_BUDGET_FILE = ROOT / "baselines" / "gpu_budgets.json"
 
 VERDICTS: list = []          # gate.Verdict rows for the closing table
 UPDATES: dict = {}           # regime id -> new baseline entry (written only on request)
+PARTIAL: list = []           # non-empty when UPDATES holds --update-repairs entries only
 GPU_UPDATES: dict = {}
 
 
@@ -34,9 +36,29 @@ def environment() -> dict:
             "date": datetime.date.today().isoformat()}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-repairs", default=None, metavar="NAMES",
+        help="with --update-baselines: measure and record only these repairs (comma-separated) "
+             "into each selected regime's existing baseline; every other recorded number, the "
+             "dense top-1 and the file's 'recorded' header stay as they are")
+
+
 @pytest.fixture(scope="session")
 def update_baselines(request) -> bool:
     return bool(request.config.getoption("--update-baselines"))
+
+
+@pytest.fixture(scope="session")
+def update_repairs(request) -> list[str] | None:
+    """The repairs --update-repairs names (None: record whole regimes). Refused without
+    --update-baselines, so that the flag alone never looks like it recorded something."""
+    names = request.config.getoption("--update-repairs", default=None)
+    if names is None:
+        return None
+    if not request.config.getoption("--update-baselines"):
+        raise pytest.UsageError("--update-repairs only selects what --update-baselines records")
+    return [n.strip() for n in names.split(",") if n.strip()]
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +83,9 @@ def pytest_sessionfinish(session, exitstatus):
     if UPDATES:
         data = load_json(ACCURACY_FILE) or {"default_tolerance_pt": 0.5, "regimes": {}}
         data["regimes"].update(UPDATES)
-        data["recorded"] = environment() | {
-            "command": "pytest benchmarks/test_repair_accuracy.py --update-baselines"}
+        if not PARTIAL:   # a partial update keeps the header of the numbers it did not touch
+            data["recorded"] = environment() | {
+                "command": "pytest benchmarks/test_repair_accuracy.py --update-baselines"}
         data["regimes"] = dict(sorted(data["regimes"].items()))
         ACCURACY_FILE.write_text(json.dumps(data, indent=1) + "\n")
     if GPU_UPDATES:

@@ -30,7 +30,7 @@ class Regime:
                 f"c{self.calib}s{self.seed}/{ev}")
 
 
-REPAIRS = ["none", "bn_recal", "layerwise", "channelwise", "asr", "clipped_asr"]
+REPAIRS = ["none", "bn_recal", "layerwise", "channelwise", "asr", "clipped_asr", "reconstruct"]
 
 # Embedded default: runs anywhere (scikit-learn's digits + our committed checkpoint).
 DIGITS = [Regime("resnet8", "digits", a, s, "baselines/checkpoints/resnet8-digits.pt",

@@ -51,3 +51,36 @@ def test_gate_and_study_report_share_one_transition_rule():
              0.97: {"bn_recal": 19.9, "layerwise": 25.0}}
     gate = [s for s, top1 in curve.items() if classify_regime(81.0, top1, 10) == "transition"]
     assert gate == transition_points(curve, 10) == [0.90, 0.97]
+
+
+def _partial(monkeypatch, measured: dict, base: dict | None):
+    """_add_repairs (--update-repairs) on a doctored measurement: no model runs."""
+    import test_repair_accuracy as acc
+    from regimes import Regime
+
+    monkeypatch.setattr(acc, "measure", lambda r, repairs=None: measured)
+    return acc._add_repairs(Regime("resnet20", "cifar10-jpeg", "erk", 0.95), base,
+                            ["reconstruct"], 10)
+
+
+def test_partial_update_adds_one_repair_and_keeps_the_rest(monkeypatch):
+    base = dict(BASE, dense_top1=81.0, **{"class": "collapse"},
+                top1={"none": 10.0, "bn_recal": 11.0, "asr": 12.0})
+    entry = _partial(monkeypatch, {"dense": 81.0, "top1": {"reconstruct": 40.0}}, base)
+    assert entry["top1"] == {"none": 10.0, "bn_recal": 11.0, "asr": 12.0, "reconstruct": 40.0}
+    # reconstruct counts as recovering: bn_recal fails, reconstruct recovers -> transition
+    assert entry["class"] == "transition"
+    assert entry["recorded_repairs"]["reconstruct"]["command"].endswith(
+        "--update-repairs reconstruct")
+    assert {k: v for k, v in entry.items() if k not in ("top1", "class", "recorded_repairs")} \
+        == {k: v for k, v in base.items() if k not in ("top1", "class")}
+
+
+def test_partial_update_refuses_a_moved_dense_model_or_a_missing_entry(monkeypatch):
+    import pytest
+
+    base = dict(BASE, dense_top1=81.0)
+    with pytest.raises(pytest.fail.Exception, match="dense top-1 81.5 differs"):
+        _partial(monkeypatch, {"dense": 81.5, "top1": {"reconstruct": 40.0}}, base)
+    with pytest.raises(pytest.fail.Exception, match="has no baseline to add"):
+        _partial(monkeypatch, {"dense": 81.0, "top1": {"reconstruct": 40.0}}, None)

@@ -1,5 +1,6 @@
 """Repair speed: the one-pass engine costs at most 1.5x one dense plus one pruned eval-mode
-forward pass over the same calibration images, measured side by side in the same test.
+forward pass over the same calibration images (asr), and the layer-wise reconstruction at most
+3x (issue #17's goal, ResNet-20 and ResNet-56), measured side by side in the same test.
 GPU lane (--gpu): the same on CUDA, agreement with the CPU path, and absolute budgets per card."""
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
 
 RATIO_BOUND = 1.5          # asr time / (dense forward + pruned forward)
+# reconstruct time / (dense forward + pruned forward): issue #17's cost goal on CPU. It does a
+# one-pass walk of each model like asr, plus per layer an unfold of 4,096 sampled positions
+# into float64 patch columns, three K x K Gram products and a batched Cholesky solve.
+RECONSTRUCT_BOUND = 3.0
+RECONSTRUCT_MODELS = {"resnet20", "resnet56"}   # the issue's; ResNet-18 (K = 4,608 > 4,096
+                                                # default positions) is not gated
 CALIB = 1024               # calibration images
 CHUNK = 256                # images per chunk, for the repair and the reference forwards
 BUDGET_HEADROOM = 1.2      # recorded GPU budgets = measured * 1.2
@@ -33,17 +40,19 @@ def _pair(name: str, device: str, seed: int = 0):
     return dense, pruned, calib
 
 
-def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "asr") -> dict:
-    """Best-of-``rounds`` seconds for the reference forwards and the gated method, measured
-    interleaved: each round times the two forwards and then the gated repair back to back, so
-    both minima come from the same stretches of machine time. Measured in sequence (all
+def _time_methods(name: str, device: str, methods, rounds: int,
+                  gated: tuple[str, ...] = ("asr",)) -> dict:
+    """Best-of-``rounds`` seconds for the reference forwards and the gated methods, measured
+    interleaved: each round times the two forwards and then each gated repair back to back, so
+    the minima come from the same stretches of machine time. Measured in sequence (all
     reference rounds first, best of 2), a slow spell on the shared 2-core CI runner fell on the
     repair alone and CI read ResNet-56 at 1.51x and then 1.56x (docs/RESULTS.md section 4).
     The other methods are timed once on CPU (one ResNet-56 round of bn_recal + clipped_asr costs
     about 15 s of the suite, docs/RESULTS.md section 4), ``rounds`` times on CUDA."""
     dense, pruned, calib = _pair(name, device)
     forward_seconds(dense, calib[:CHUNK], CHUNK)  # warm-up (allocator, cuDNN autotune)
-    repair(copy.deepcopy(pruned), gated, calib[:CHUNK], dense=dense)
+    for method in gated:
+        repair(copy.deepcopy(pruned), method, calib[:CHUNK], dense=dense)
 
     def timed(method: str) -> tuple[float, object]:
         report = repair(copy.deepcopy(pruned), method, calib, dense=dense, chunk_size=CHUNK)
@@ -53,7 +62,7 @@ def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "as
     for r in range(rounds):
         ref = min(ref, forward_seconds(dense, calib, CHUNK) + forward_seconds(pruned, calib, CHUNK))
         for method in methods:
-            if method == gated or device != "cpu" or r == 0:
+            if method in gated or device != "cpu" or r == 0:
                 seconds, reports[method] = timed(method)
                 best[method] = min(best[method], seconds)
     out = {"reference_s": ref, "rounds": rounds}
@@ -62,6 +71,8 @@ def _time_methods(name: str, device: str, methods, rounds: int, gated: str = "as
         out[method] = {"seconds": best[method], "ratio": best[method] / ref,
                        "passes_dense": report.passes_dense, "passes_pruned": report.passes_pruned,
                        "path": report.path}
+        if report.method == "reconstruct":   # channels solved by pseudo-inverse cost more
+            out[method]["fallback"] = sum(lay.get("fallback", 0) for lay in report.layers)
     return out
 
 
@@ -76,15 +87,24 @@ def pytest_generate_tests(metafunc):
 
 
 def test_cpu_repair_within_ratio(benchmark, cpu_model):
+    gated = ("asr", "reconstruct") if cpu_model in RECONSTRUCT_MODELS else ("asr",)
+    methods = ["bn_recal", "asr", "clipped_asr", *gated[1:]]
     results = {}
     benchmark.pedantic(lambda: results.update(_time_methods(
-        cpu_model, "cpu", ["bn_recal", "asr", "clipped_asr"], rounds=3)), rounds=1, iterations=1)
+        cpu_model, "cpu", methods, rounds=3, gated=gated)), rounds=1, iterations=1)
     benchmark.extra_info.update(results)
-    asr = results["asr"]
-    assert asr["path"] == "onepass" and asr["passes_pruned"] == 1 and asr["passes_dense"] == 1
-    assert asr["ratio"] <= RATIO_BOUND, (
-        f"{cpu_model}: asr took {asr['seconds']:.2f}s = {asr['ratio']:.2f}x one dense + one "
-        f"pruned forward ({results['reference_s']:.2f}s); bound {RATIO_BOUND}x")
+    failures = []
+    for method, bound in (("asr", RATIO_BOUND), ("reconstruct", RECONSTRUCT_BOUND)):
+        if method not in gated:
+            continue
+        got = results[method]
+        assert got["path"] == "onepass" and got["passes_pruned"] == 1 and \
+            got["passes_dense"] == 1, f"{cpu_model}/{method}: {got}"
+        if got["ratio"] > bound:
+            failures.append(
+                f"{cpu_model}: {method} took {got['seconds']:.2f}s = {got['ratio']:.2f}x one "
+                f"dense + one pruned forward ({results['reference_s']:.2f}s); bound {bound}x")
+    assert not failures, "\n".join(failures)
 
 
 GPU_MODELS = ["resnet18", "resnet50", "densenet121"]
