@@ -17,6 +17,11 @@ and the other fixed allocations are pruned, repaired and evaluated here.
 
 One JSON line per regime is appended to --out as soon as it finishes (a long run keeps what it
 measured); the table is printed at the end, and ``--table FILE.jsonl`` prints it from a file.
+
+``--confirm FILE.jsonl [--n-confirm N]`` re-evaluates, for each record, the best fixed
+allocation and the search's choice (rebuilt from the record: same calibration images, same
+counts) on N test images (default the whole split), paired: both top-1, the difference, the
+images only one of them gets right, and the paired standard error of the difference.
 """
 
 from __future__ import annotations
@@ -28,12 +33,21 @@ import sys
 import time
 import warnings
 
+import torch
+
 from sparse_repair.allocation import LayerCollapseWarning, allocate
-from sparse_repair.data import calibration_set, scoring_set
+from sparse_repair.data import (
+    calibration_set,
+    get_spec,
+    load_split,
+    normalize,
+    scoring_set,
+    stratified_indices,
+)
 from sparse_repair.evaluate import evaluate, label_free_scores, predict_logits
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
-from sparse_repair.select.search import search_allocation
+from sparse_repair.select.search import interpolate, search_allocation
 from sparse_repair.weights import load_pretrained
 
 
@@ -116,6 +130,46 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
             "evaluations": result.evaluations, "search_seconds": result.seconds}
 
 
+def _correct(model, dataset: str, n: int | None) -> torch.Tensor:
+    """bool [n]: per test image (``evaluate``'s stratified subset, or the whole split for
+    None), whether the model's top-1 is the label (labels: reporting only)."""
+    spec = get_spec(dataset)
+    images, labels = load_split(dataset, spec.splits[1])
+    idx = torch.from_numpy(stratified_indices(labels, n))
+    x = normalize(images[idx], dataset)
+    return predict_logits(model.eval(), x).argmax(1) == labels[idx]
+
+
+def confirm(rec: dict, n: int | None) -> dict:
+    """Paired re-evaluation of one record's best fixed allocation and search choice."""
+    dense = load_pretrained(rec["model"])
+    images = calibration_set(rec["dataset"], rec["calib"], rec["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        best = allocate(dense, rec["best_fixed"], rec["sparsity"])
+        a, b = (allocate(dense, m, rec["sparsity"]) for m in rec.get("anchors", ["erk", "lamp"]))
+    chosen = interpolate(a, b, rec["search_t"])
+    stored = next(p["keep"] for p in rec["points"] if p["t"] == rec["search_t"])
+    if chosen.keep.tolist() != stored:
+        raise ValueError("the rebuilt search allocation differs from the record's counts")
+    right = {}
+    for name, alloc in (("fixed", best), ("search", chosen)):
+        model = copy.deepcopy(dense)
+        prune_(model, alloc)
+        repair(model, rec["repair"], images, dense=dense)
+        right[name] = _correct(model, rec["dataset"], n)
+    f, s = right["fixed"], right["search"]
+    m = len(f)
+    only_s, only_f = int((s & ~f).sum()), int((f & ~s).sum())
+    diff = 100.0 * (only_s - only_f) / m
+    se = 100.0 * ((only_s + only_f) - (only_s - only_f) ** 2 / m) ** 0.5 / m
+    return {"model": rec["model"], "sparsity": rec["sparsity"], "repair": rec["repair"],
+            "n": m, "best_fixed": rec["best_fixed"], "fixed_top1": 100.0 * float(f.float().mean()),
+            "search": chosen.method, "search_top1": 100.0 * float(s.float().mean()),
+            "diff": diff, "paired_se": se, "only_search_right": only_s,
+            "only_fixed_right": only_f}
+
+
 def table(records: list[dict]) -> str:
     fixed = list(records[0]["fixed"]) if records else []
     head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "anchors",
@@ -157,7 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine", type=int, default=2)
     ap.add_argument("--out", help="append one JSON line per regime to this file")
     ap.add_argument("--table", help="print the table of a JSON-lines file and exit")
+    ap.add_argument("--confirm", help="paired re-evaluation of a JSON-lines file's records")
+    ap.add_argument("--n-confirm", type=int, default=None,
+                    help="test images for --confirm (default: the whole split)")
     args = ap.parse_args(argv)
+    if args.confirm:
+        with open(args.confirm) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        print("| model | sparsity | repair | n | best fixed | search | search - fixed | paired SE "
+              "| only search right | only fixed right |\n|" + "---|" * 10)
+        for rec in records:
+            c = confirm(rec, args.n_confirm)
+            print(f"| {c['model']} | {c['sparsity']:g} | {c['repair']} | {c['n']} | "
+                  f"{c['fixed_top1']:.2f} ({c['best_fixed']}) | {c['search_top1']:.2f} "
+                  f"({c['search']}) | {c['diff']:+.2f} | {c['paired_se']:.2f} | "
+                  f"{c['only_search_right']} | {c['only_fixed_right']} |", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(c) + "\n")
+        return 0
     if args.table:
         with open(args.table) as f:
             print(table([json.loads(line) for line in f if line.strip()]))
