@@ -24,6 +24,19 @@ def test_drop_within_tolerance_passes():
     assert not Verdict(REGIME, "asr", 29.4, 30.0, 0.5).ok
 
 
+def test_transition_margin_of_the_best_recovering_repair_is_gated_too():
+    """A transition regime that exists only through reconstruct (ResNet-20 ERK 0.97: bn_recal
+    12.25, asr 15.60, reconstruct 42.60) loses it if reconstruct's margin shrinks, whatever asr
+    does."""
+    base = {"class": "transition", "tolerance_pt": 0.5,
+            "top1": {"bn_recal": 12.25, "asr": 15.60, "reconstruct": 42.60}}
+    checks = {v.check for v in compare(REGIME, dict(base["top1"]), base)}
+    assert checks >= {"margin asr-bn_recal", "margin reconstruct-bn_recal"}
+    broken = dict(base["top1"], bn_recal=20.0, reconstruct=42.60)  # reconstruct margin -7.75
+    bad = {v.check for v in compare(REGIME, broken, base) if not v.ok}
+    assert "margin reconstruct-bn_recal" in bad
+
+
 def test_margin_checked_only_for_transition_regimes():
     mild = dict(BASE, **{"class": "mild"})
     checks = {v.check for v in compare(REGIME, dict(BASE["top1"]), mild)}
