@@ -3,7 +3,8 @@ pruned, repaired and scored without labels against the dense model (issue #19, "
 choosing"). A separate entry point from the shape-only allocators of ``allocation.py``: it
 needs images (calibration images for the repair, disjoint scoring images for the score).
 
-The family (docs/search.md). Two anchor allocations A and B (default ERK and LAMP, the two
+The family (docs/search.md). Two anchor allocations A and B (by default the two best fixed
+allocations by the criterion, below; the first design fixed them to ERK and LAMP, the two
 published rules whose order flips with architecture, data and sparsity: docs/cifar10/report.md
 measures six flips on ResNet-20 between 0.6 and 0.97) define, for t in [0, 1], per-layer
 densities
