@@ -70,8 +70,39 @@ class RunConfig:
             raise ValueError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; valid "
                              f"settings: {', '.join(valid)}")
         cfg = cls(**d)
-        cfg.repair_calls()  # validates repairs and repair_options
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """Refuse a value that would fail (or be silently reinterpreted) only after the dense
+        model is loaded, so a study file or a command line is rejected before any work: the
+        sparsity (``allocation.check_sparsity``), image counts, seed, n_eval, resolution, the
+        device (parsed by torch; CUDA only when available), list settings given as a string,
+        and the repairs with their options (``repair_calls``). Raises ValueError / TypeError
+        naming the setting and the fix."""
+        from .allocation import check_sparsity
+
+        check_sparsity(self.sparsity)
+
+        def integer(name, lo, none_ok=False):
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}"
+                                 f"{' or None' if none_ok else ''}, got {v!r}")
+
+        integer("calib", 1)
+        integer("scoring", 0)   # 0 = no label-free scores
+        integer("seed", 0)
+        integer("n_eval", 1, none_ok=True)
+        integer("resolution", 1, none_ok=True)
+        for name in ("repairs", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, (list, tuple)):
+                raise TypeError(f"{name} must be a list of names, got {v!r}; e.g. [{v!r}]")
+        check_device(self.device)
+        self.repair_calls()  # validates repairs and repair_options
 
     def repair_calls(self) -> list[tuple[str, str, dict]]:
         """(label, method, options) for every entry of ``repairs``. Raises ValueError for a
@@ -79,6 +110,11 @@ class RunConfig:
         an option the method does not take (the repair registry checks option names)."""
         from .repair import REPAIRS
 
+        if not isinstance(self.repair_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict)
+                for k, v in self.repair_options.items()):
+            raise ValueError(f"repair_options must be a JSON object {{repair: {{option: value}}}}"
+                             f", got {self.repair_options!r}")
         extra = sorted(set(self.repair_options) - set(self.repairs))
         if extra:
             raise ValueError(f"repair_options names {extra}, which are not in repairs "
@@ -95,6 +131,20 @@ class RunConfig:
                 opts.setdefault("shrinkage", self.shrinkage)
             calls.append((label, method, opts))
         return calls
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` parsed by torch, refusing a CUDA device where CUDA is not available (before
+    any work, instead of a driver error mid-run). Raises ValueError naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); use 'cpu' or 'cuda' "
+                         f"or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use "
+                         f"--device cpu")
+    return dev
 
 
 def load_dense(cfg: RunConfig) -> torch.nn.Module:
@@ -125,14 +175,14 @@ def input_resolution(cfg: RunConfig) -> int | None:
     """The side length the dense model expects: explicit, else what it was trained at (the
     sidecar of a checkpoint from ``sparse-repair train``), else None (the data set default).
     A model trained at 64 px and evaluated at the 160-px default would be silently wrong."""
-    import json
     import os
+
+    from .weights import read_sidecar
 
     if cfg.resolution is not None:
         return cfg.resolution
     if cfg.weights and os.path.exists(cfg.weights + ".json"):
-        with open(cfg.weights + ".json") as f:
-            return json.load(f).get("resolution")
+        return read_sidecar(cfg.weights).get("resolution")  # checked: clear error if malformed
     return None
 
 

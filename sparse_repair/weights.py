@@ -479,6 +479,11 @@ def read_sidecar(path: str | Path) -> dict:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise CheckpointError(f"checkpoint sidecar {sidecar} has num_classes={k!r}, not a "
                               f"positive int: {fix}")
+    r = meta.get("resolution")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        # 0 would read as "the data set's default" downstream: a silent substitution.
+        raise CheckpointError(f"checkpoint sidecar {sidecar} has resolution={r!r}, not null or "
+                              f"a positive int (pixels): {fix}")
     return meta
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_repair.cli import build_parser, main
 from sparse_repair.run import RunConfig
@@ -105,3 +106,26 @@ def test_allocate_min_keep_flag_removes_layer_collapse_and_keeps_the_total(capsy
     assert main(args + ["--min-keep", "-1"]) == 2
     assert "min_keep must be >= 0" in capsys.readouterr().err
     assert "--min-keep" in _subparser("allocate").format_help()
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"sparsity": 1.0}, "sparsity"), ({"scoring": -5}, "scoring must be an int >= 0"),
+    ({"seed": 1.5}, "seed must be an int"), ({"calib": 0}, "calib must be an int >= 1"),
+    ({"n_eval": 0}, "n_eval"), ({"resolution": 0}, "resolution"),
+    ({"device": "foo"}, "not a torch device"), ({"repairs": "bn_recal"}, "list of names"),
+    ({"exclude": "conv1"}, "list of names"), ({"repair_options": ["bn_recal"]}, "JSON object"),
+    ({"repairs": ["bn_recal"], "repair_options": {"bn_recal": 5}}, "JSON object"),
+])
+def test_runconfig_refuses_values_that_would_fail_only_after_loading(bad, match):
+    """A study file or command line with such a value is refused before any model loads (a
+    bad-input pass found them failing every run after its retries, or mid-run)."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        RunConfig.from_dict(bad)
+
+
+def test_cuda_device_without_cuda_is_one_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -299,3 +299,35 @@ def test_cli_bad_input_exits_2_with_a_clear_message(bad, message, capsys):
     assert main(CLI + bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparse-repair: error:") and message in err
+
+
+def test_the_callers_model_keeps_its_mode_and_bad_settings_fail_before_work():
+    """Found by a bad-input pass: select left a train-mode model in eval mode; an unknown
+    exclude name failed every candidate instead of the call; a float seed or a string where a
+    list belongs failed late or was split into characters."""
+    from sparse_repair.weights import load_trained
+
+    dense = load_trained(DIGITS)[0].train()
+    select(_cfg(allocations=["erk"], repairs=["none"]), dense=dense)
+    assert dense.training, "select changed the caller's model mode"
+    with pytest.raises(ValueError, match="nosuchlayer"):
+        select(_cfg(exclude=["nosuchlayer"]), dense=dense)
+    for bad, match in [({"seed": 1.5}, "seed"), ({"repairs": "asr"}, "list of names"),
+                       ({"allocations": "erk"}, "list of names"),
+                       ({"device": "cuda:x"}, "device")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            _cfg(**bad)
+
+
+def test_search_keeps_its_work_when_the_anchors_share_no_kept_layer():
+    from sparse_repair.allocation import allocate
+    from sparse_repair.select.search import EmptyMixError, interpolate
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    a = allocate(model, "uniform", 0.5)
+    b = dataclasses.replace(a, keep=a.keep.copy())
+    a.keep[:] = [8, 0]
+    b.keep[:] = [0, 8]
+    with pytest.raises(EmptyMixError, match="no common layer"):
+        interpolate(a, b, 0.5)
+    assert interpolate(a, b, 0.0).keep.tolist() == [8, 0]

@@ -347,3 +347,22 @@ def test_published_weights_on_another_data_set(capsys):
     _cli_refuses(capsys, ["run", "--pretrained", "--dataset", "imagenette", "--repair", "none"],
                  "(published resnet20) were trained on cifar10, whose classes are not those "
                  "of imagenette")
+
+
+@pytest.mark.parametrize("resolution", [0, -4, "eight", 1.5, True])
+def test_sidecar_resolution_must_be_a_positive_int(tmp_path, resolution):
+    """resolution 0 was read as "the data set's default" (a silent substitution) and "eight"
+    reached torch's interpolate; both are refused by the sidecar check, naming the file."""
+    import json
+    import shutil
+
+    from sparse_repair.weights import CheckpointError, read_sidecar
+
+    src = Path(__file__).resolve().parents[1] / "baselines" / "checkpoints" / "resnet8-digits.pt"
+    ckpt = tmp_path / "m.pt"
+    shutil.copy(src, ckpt)
+    meta = json.loads(Path(str(src) + ".json").read_text())
+    meta["resolution"] = resolution
+    Path(str(ckpt) + ".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"m\.pt\.json has resolution="):
+        read_sidecar(ckpt)

@@ -104,6 +104,10 @@ class SelectConfig:
         """Validate everything that can be checked without a model; returns the repair calls
         (label, method, options). Raises ValueError (TypeError for an option a repair method
         does not take) naming the problem and the fix."""
+        for name in ("allocations", "repairs", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, (list, tuple)):
+                raise TypeError(f"{name} must be a list of names, got {v!r}; e.g. [{v!r}]")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of "
                              f"{', '.join(CRITERIA)}")
@@ -128,6 +132,8 @@ class SelectConfig:
                              f"{self.n_eval!r}")
         if not isinstance(self.evaluate, bool):
             raise ValueError(f"evaluate must be true or false, got {self.evaluate!r}")
+        # seed, device, resolution, repairs and options: the run's own checks, once.
+        self.run_config().check()
         calls = self.run_config().repair_calls()
         for _, method, opts in calls:  # an unknown option or bad value, before any work
             REPAIRS[method].resolve(**opts)
@@ -276,14 +282,31 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     Raises, before any candidate runs: the errors of ``SelectConfig.check``, of
     ``data.scoring_set`` (calib + scoring above the train split), ``run.load_dense`` and
     ``weights.check_weights_fit`` (weights that do not fit the data set)."""
-    from ..weights import check_weights_fit
-
     start = time.perf_counter()
     calls = cfg.check()
     run_cfg = cfg.run_config()
     resolution = input_resolution(run_cfg)
     spec = get_spec(cfg.dataset)
+    given = dense
+    was_training = given.training if given is not None else None
     dense = (dense if dense is not None else load_dense(run_cfg)).to(cfg.device).eval()
+    try:
+        return _select(cfg, dense, calls, run_cfg, resolution, spec, start, progress)
+    finally:
+        if given is not None:  # the caller's model leaves in the mode it came in
+            given.train(was_training)
+
+
+def _select(cfg, dense, calls, run_cfg, resolution, spec, start, progress) -> SelectResult:
+    import warnings
+
+    from ..weights import check_weights_fit
+
+    # A layer name in exclude that is not prunable is a user error, not a candidate failure:
+    # one allocation (weights only read) raises it before any candidate runs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # collapse is reported per candidate below
+        allocate(dense, cfg.allocations[0], cfg.sparsity, exclude=cfg.exclude)
     check_weights_fit(dense, cfg.dataset, spec.num_classes,
                       resolution if resolution is not None else spec.default_resolution)
     # scoring_set first: it refuses calib + scoring above the train split before any decoding.

@@ -355,7 +355,12 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         if t not in points:
             # The ends are the anchors themselves (interpolate reproduces them count for count;
             # taking them directly makes "never worse than the anchors" structural).
-            alloc = a if t == 0.0 else b if t == 1.0 else interpolate(a, b, t)
+            try:
+                alloc = a if t == 0.0 else b if t == 1.0 else interpolate(a, b, t)
+            except EmptyMixError:
+                # No interior point exists; the ends (already scored) remain the choices, and
+                # the work done so far is kept rather than lost to an error.
+                return
             points[t] = evaluate_at(alloc, t, f"search({pair[0]},{pair[1]},t={t:g})")
 
     for t in np.linspace(0.0, 1.0, grid).tolist():
@@ -397,6 +402,11 @@ def _allocation(like: Allocation, keep: np.ndarray, anchors: tuple[str, str], t:
                       dict(like.aliases))
 
 
+class EmptyMixError(ValueError):
+    """The geometric mix of two allocations is zero in every layer (they share no kept layer,
+    possible at extreme sparsity with min_keep=0): that family has no interior points."""
+
+
 def interpolate(a: Allocation, b: Allocation, t: float) -> Allocation:
     """The family's point t: per free layer density proportional to
     d_a ** (1 - t) * d_b ** t (d = keep / size), made exact by
@@ -428,7 +438,12 @@ def interpolate(a: Allocation, b: Allocation, t: float) -> Allocation:
         db = b.keep[free].astype(np.float64) / sizes[free]
         # numpy: x ** 1.0 == x and x ** 0.0 == 1.0 (0 ** 0 included), so the ends are the
         # anchors' densities exactly, which densities_to_keep turns back into their counts.
-        keep[free] = densities_to_keep(da ** (1.0 - t) * db ** t, sizes[free],
+        mix = da ** (1.0 - t) * db ** t
+        if not (mix > 0).any():
+            raise EmptyMixError(f"{a.method} and {b.method} keep weights in no common layer, so "
+                                f"their geometric mix at t={t:g} is empty; use min_keep=1 (every "
+                                f"layer keeps weights) or other anchors")
+        keep[free] = densities_to_keep(mix, sizes[free],
                                        a.keep_total - int(sizes[~free].sum()),
                                        np.minimum(a.min_keep, sizes[free]))
     return _allocation(a, keep, (a.method, b.method), float(t))
