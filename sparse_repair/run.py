@@ -77,7 +77,7 @@ class RunConfig:
         """Refuse a value that would fail (or be silently reinterpreted) only after the dense
         model is loaded, so a study file or a command line is rejected before any work: the
         sparsity (``allocation.check_sparsity``), image counts, seed, n_eval, resolution, the
-        device (parsed by torch; CUDA only when available), list settings given as a string,
+        device (parsed by torch), list settings given as a string,
         and the repairs with their options (``repair_calls``). Raises ValueError / TypeError
         naming the setting and the fix."""
         from .allocation import check_sparsity
@@ -133,15 +133,17 @@ class RunConfig:
         return calls
 
 
-def check_device(device: str) -> torch.device:
-    """``device`` parsed by torch, refusing a CUDA device where CUDA is not available (before
-    any work, instead of a driver error mid-run). Raises ValueError naming the fix."""
+def check_device(device: str, available: bool = False) -> torch.device:
+    """``device`` parsed by torch; with ``available``, also refuse a CUDA device where CUDA is
+    not available (checked when a run or selection starts, before any work, instead of a driver
+    error mid-run; a study file naming CUDA still loads on a CPU machine for status and report).
+    Raises ValueError naming the fix."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device {device!r} is not a torch device ({e}); use 'cpu' or 'cuda' "
                          f"or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if available and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine; use "
                          f"--device cpu")
     return dev
@@ -218,6 +220,7 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
 
 
 def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
+    check_device(cfg.device, available=True)
     dense = (dense or load_dense(cfg)).to(cfg.device).eval()
     pruned = copy.deepcopy(dense)
     alloc = allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
@@ -265,6 +268,7 @@ def run_config(cfg: RunConfig, dense_cache: dict | None = None, progress: bool =
 
     ``dense_cache`` (any dict, kept by the caller) holds each dense model and its accuracy, so
     a sweep loads and evaluates one checkpoint once per process."""
+    check_device(cfg.device, available=True)
     resolution = input_resolution(cfg)
     key = (cfg.model, cfg.dataset, cfg.weights, cfg.pretrained, cfg.n_eval, cfg.device,
            resolution)

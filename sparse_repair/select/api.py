@@ -20,7 +20,7 @@ from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
 from ..pruning import prune_
 from ..repair import REPAIRS, list_repairs, repair
-from ..run import RunConfig, _opt, input_resolution, load_dense
+from ..run import RunConfig, _opt, check_device, input_resolution, load_dense
 
 CRITERIA = ("kl", "agreement")
 
@@ -287,6 +287,7 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     run_cfg = cfg.run_config()
     resolution = input_resolution(run_cfg)
     spec = get_spec(cfg.dataset)
+    check_device(cfg.device, available=True)
     given = dense
     was_training = given.training if given is not None else None
     dense = (dense if dense is not None else load_dense(run_cfg)).to(cfg.device).eval()
