@@ -74,3 +74,9 @@ def test_selections_are_split_by_model_sparsity_and_seed_and_the_report_section_
 def test_unknown_criterion_is_refused():
     with pytest.raises(ValueError, match="criterion must be one of"):
         E.summarize(_rows(0, GOOD), "accuracy")
+
+
+def test_an_incomplete_study_reports_the_goal_as_provisional():
+    md = "\n".join(E.markdown(_rows(0, GOOD), complete=False))
+    assert "provisionally met (study incomplete" in md
+    assert "| resnet20 | cifar10 | 0.9 | 1 | 5 | 0.00 |" in md

@@ -125,9 +125,11 @@ def summarize(rows: list[dict], criterion: str = "kl") -> dict:
             "goal_met": goal}
 
 
-def markdown(rows: list[dict]) -> list[str]:
+def markdown(rows: list[dict], complete: bool = True) -> list[str]:
     """The "Label-free selection" section of a study report (markdown lines), for every
-    criterion; empty when no row carries label-free scores."""
+    criterion; empty when no row carries label-free scores. ``complete=False`` (a study still
+    running) reports the goal as provisional: a selection whose candidates are not all in yet
+    is a choice among fewer candidates, which is easier."""
     if not selections(rows):
         return []
     md = ["## Label-free selection (candidates: every allocation x repair of a seed; regret = "
@@ -138,6 +140,8 @@ def markdown(rows: list[dict]) -> list[str]:
     for crit in CRITERIA:
         s = summarize(rows, crit)
         goal = {None: "n/a", True: "met", False: "not met"}[s["goal_met"]]
+        if not complete and s["goal_met"] is not None:
+            goal = f"provisionally {goal} (study incomplete: fewer candidates than planned)"
         md += [f"### criterion `{crit}`: {s['n_selections']} selections in {s['n_regimes']} "
                f"regimes; goal {goal}", "",
                f"| rule | within {WITHIN_PT} pt (regimes) | mean regret | worst regret | "
@@ -149,11 +153,12 @@ def markdown(rows: list[dict]) -> list[str]:
                 continue
             md.append(f"| {rule} | {g['hit']:.0%} of {g['n']} | {g['mean']:.2f} | "
                       f"{g['worst']:.2f} | {p['hit']:.0%} of {p['n']} | {p['worst']:.2f} |")
-        md += ["", "| model | dataset | sparsity | seeds | select regret | choices |",
-               "|---|---|---|---|---|---|"]
+        md += ["", "| model | dataset | sparsity | seeds | candidates | select regret | choices |",
+               "|---|---|---|---|---|---|---|"]
         for g in s["regimes"]:
             md.append(f"| {g['model']} | {g['dataset']} | {g['sparsity']:g} | {g['seeds']} | "
-                      f"{g['select']:.2f} | {', '.join(sorted(set(g['choices'])))} |")
+                      f"{g['candidates']} | {g['select']:.2f} | "
+                      f"{', '.join(sorted(set(g['choices'])))} |")
         c = s["correlation"]
         md += ["", "Spearman rank correlation with true top-1 within a selection (KL negated), "
                "mean [min] over selections: " + "; ".join(

@@ -154,7 +154,7 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     for key in regimes:
         md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
     # Where the runs recorded label-free scores (scoring > 0), how well choosing by them works.
-    md += [""] + selection_evidence.markdown(rows)
+    md += [""] + selection_evidence.markdown(rows, complete=runs_done >= runs_total)
     skipped: list[str] = []
     plots = _plots(study, cells, dense, regimes, out, df=df, store=store, skipped=skipped)
     if plots or skipped:
