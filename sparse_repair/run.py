@@ -18,6 +18,20 @@ from .pruning import prune_, sparsity_report
 from .repair import list_repairs, repair
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass with a ``check()`` method (RunConfig, SelectConfig):
+    refuses unknown keys naming the valid ones, then runs ``check``; ValueError/TypeError before
+    anything runs."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {', '.join(map(repr, unknown))}; valid "
+                         f"settings: {', '.join(valid)}")
+    cfg = cls(**d)
+    cfg.check()
+    return cfg
+
+
 def _opt(default, help: str, **kw):
     """A RunConfig field: its default and its help text live together, once (the CLI's
     `--flag` help and defaults are derived from these)."""
@@ -64,14 +78,7 @@ class RunConfig:
     def from_dict(cls, d: dict) -> RunConfig:
         """A RunConfig from a plain dict (TOML table, JSON). Raises ValueError naming any
         unknown key and the valid ones, before anything runs."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; valid "
-                             f"settings: {', '.join(valid)}")
-        cfg = cls(**d)
-        cfg.check()
-        return cfg
+        return config_from_dict(cls, d, "run")
 
     def check(self) -> None:
         """Refuse a value that would fail (or be silently reinterpreted) only after the dense

@@ -20,7 +20,7 @@ from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
 from ..pruning import prune_
 from ..repair import REPAIRS, list_repairs, repair
-from ..run import RunConfig, _opt, check_device, input_resolution, load_dense
+from ..run import RunConfig, _opt, check_device, config_from_dict, input_resolution, load_dense
 
 CRITERIA = ("kl", "agreement")
 
@@ -80,14 +80,7 @@ class SelectConfig:
     def from_dict(cls, d: dict) -> SelectConfig:
         """A SelectConfig from a plain dict (JSON, CLI). Raises ValueError naming any unknown
         key and the valid ones, and the errors of ``check``, before anything runs."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown select setting(s) {', '.join(map(repr, unknown))}; valid "
-                             f"settings: {', '.join(valid)}")
-        cfg = cls(**d)
-        cfg.check()
-        return cfg
+        return config_from_dict(cls, d, "select")
 
     def run_config(self, allocation: str | None = None) -> RunConfig:
         """The RunConfig of one allocation's candidates: ``load_dense``, ``input_resolution``
