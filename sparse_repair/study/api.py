@@ -31,14 +31,17 @@ def check_weights(study: Study) -> None:
     before any run is submitted: a corrupt, truncated or foreign checkpoint, or one that holds
     another architecture than its ``model``, is one clear error naming the study file, instead
     of a failure recorded for each of its runs after every retry. Published weights
-    (``pretrained``, no ``weights``) are not checked here. Raises ValueError (the loaders'
+    (``pretrained``, no ``weights``) and checkpoints not present on this machine (they may be
+    on the workers; their runs fail and are recorded) are not checked here. Raises ValueError (the loaders'
     CheckpointError and FileNotFoundError, with the study and model prepended)."""
     from ..run import load_dense
 
     seen = set()
     for _, cfg in study.runs:
         key = (cfg.model, cfg.dataset, cfg.weights)
-        if not cfg.weights or key in seen:
+        # A checkpoint absent here may exist where the runs execute (a cluster's workers): its
+        # runs fail and are recorded as such, and the sweep goes on. One present here is read.
+        if not cfg.weights or key in seen or not os.path.exists(cfg.weights):
             continue
         seen.add(key)
         try:
