@@ -32,8 +32,8 @@ def check_weights(study: Study) -> None:
     another architecture than its ``model``, is one clear error naming the study file, instead
     of a failure recorded for each of its runs after every retry. Published weights
     (``pretrained``, no ``weights``) and checkpoints not present on this machine (they may be
-    on the workers; their runs fail and are recorded) are not checked here. Raises ValueError (the loaders'
-    CheckpointError and FileNotFoundError, with the study and model prepended)."""
+    on the workers; their runs fail and are recorded) are not checked here. Raises ValueError
+    (the loaders' CheckpointError, with the study and model prepended)."""
     from ..run import load_dense
 
     seen = set()
