@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from ..allocation import allocate, check_sparsity, list_allocators
+from ..allocation import allocate, list_allocators
 from ..data import calibration_set, get_spec, scoring_set
 from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
@@ -114,20 +114,16 @@ class SelectConfig:
         if bad:
             raise ValueError(f"unknown allocation(s) {bad}; choose from "
                              f"{', '.join(list_allocators())}")
-        check_sparsity(self.sparsity)
-        for name in ("calib", "scoring"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a number of images >= 1, got {v!r}")
-        if self.n_eval is not None and (isinstance(self.n_eval, bool)
-                                        or not isinstance(self.n_eval, int) or self.n_eval < 1):
-            raise ValueError(f"n_eval must be None (the full test split) or >= 1, got "
-                             f"{self.n_eval!r}")
+        # scoring >= 1 here (a run allows 0 = off); calib, n_eval and the rest: RunConfig.check.
+        if isinstance(self.scoring, bool) or not isinstance(self.scoring, int) or \
+                self.scoring < 1:
+            raise ValueError(f"scoring must be a number of images >= 1, got {self.scoring!r}")
         if not isinstance(self.evaluate, bool):
             raise ValueError(f"evaluate must be true or false, got {self.evaluate!r}")
         # seed, device, resolution, repairs and options: the run's own checks, once.
-        self.run_config().check()
-        calls = self.run_config().repair_calls()
+        run = self.run_config()
+        run.check()
+        calls = run.repair_calls()
         for _, method, opts in calls:  # an unknown option or bad value, before any work
             REPAIRS[method].resolve(**opts)
         return calls
