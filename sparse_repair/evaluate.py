@@ -111,6 +111,9 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[
         ValueError: shapes differ, are not [N, K] with N >= 1, or a logit is NaN/Inf (a
             collapsed model is scored as such by the caller, never as NaN).
     """
+    if not (isinstance(logits, torch.Tensor) and isinstance(dense_logits, torch.Tensor)):
+        raise TypeError(f"logits must be torch tensors [N, K] (predict_logits), got "
+                        f"{type(logits).__name__} and {type(dense_logits).__name__}")
     if logits.shape != dense_logits.shape or logits.dim() != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must be two [N, K] tensors of the same shape with N >= 1, got "
                          f"{tuple(logits.shape)} and {tuple(dense_logits.shape)}")

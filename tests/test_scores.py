@@ -89,3 +89,8 @@ def test_run_rows_record_label_free_scores_only_when_asked():
     (same,) = run_single(RunConfig(**{**base, "repairs": ["none"]}, sparsity=0.0, scoring=300),
                          dense=dense)
     assert same["agreement"] == 100.0 and same["kl"] < 1e-9
+
+
+def test_non_tensor_logits_are_a_type_error():
+    with pytest.raises(TypeError, match="torch tensors"):
+        label_free_scores([[0.0, 1.0]], torch.zeros(1, 2))

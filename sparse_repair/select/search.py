@@ -296,8 +296,10 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     auto = isinstance(anchors, str)
     names = _check_anchors(anchors, candidates)
     options = dataclasses.asdict(opts)
-    device = next(t.device for t in [*dense.parameters(), *dense.buffers()])
-    calib, score = calib.to(device), score.to(device)
+    first = next(t for t in [*dense.parameters(), *dense.buffers()])
+    # Scoring images go through the dense model directly (repair casts its own calibration
+    # input), so float64/float16 images are cast to the model's dtype as repair's are.
+    calib, score = calib.to(first.device), score.to(first.device, first.dtype)
     with warnings.catch_warnings():
         # The anchors' own collapse warnings would name allocations that may not be chosen;
         # the choice is warned about below.
