@@ -201,8 +201,10 @@ def test_unfold_of_chosen_positions_equals_those_columns(name):
     layer = _make(CONVS[name])
     x, _ = _pair((3, layer.in_channels, 9, 8))
     full = unfold_inputs(x, layer)
-    pos = torch.randperm(full.shape[2], generator=torch.Generator().manual_seed(0))[:17]
+    # every position, shuffled (so every padded border tap is gathered), and a subset
+    pos = torch.randperm(full.shape[2], generator=torch.Generator().manual_seed(0))
     assert torch.equal(unfold_inputs(x, layer, positions=pos), full[:, :, pos])
+    assert torch.equal(unfold_inputs(x, layer, positions=pos[:17]), full[:, :, pos[:17]])
 
 
 def test_unfold_linear_flattens_leading_dims():

@@ -156,7 +156,9 @@ def test_nothing_pruned_leaves_weights_and_outputs_unchanged(grouped, options):
         assert _rel(model(x), dense(x)) <= 1e-5
     assert [ly["name"] for ly in report.layers] == list(_layers(dense))
     for ly in report.layers:
-        assert ly["rel_err_before"] == 0.0 and ly["rel_err_after"] <= 1e-5, ly
+        # the error is sqrt of a difference of float64 sums (||W_d X_d||^2 is summed apart from
+        # H and C), so exact agreement reads as rounding, ~1e-8 (SolveInfo's docstring)
+        assert ly["rel_err_before"] <= 1e-7 and ly["rel_err_after"] <= 1e-5, ly
 
 
 def test_each_layer_is_the_masked_least_squares_fit_on_its_own_inputs(grouped):

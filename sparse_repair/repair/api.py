@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .engine import ModelState, batchnorms, check_dense_forward, plan_batchnorms
+from .engine import (ModelState, batchnorms, check_dense_forward, check_image_channels,
+                     plan_batchnorms)
 from .methods import REPAIRS
 
 
@@ -300,6 +301,13 @@ def repair(pruned: nn.Module, method: str, calibration, *, dense: nn.Module | No
                 _check_values_per_channel(impl, plan, x.shape[0])
                 if used_dense is not None:
                     check_dense_forward(pruned, used_dense, x[:2], plan)
+            else:
+                # The BN plan's probe forward is also the channel check; methods without it
+                # probe too, so 1-channel images reach a 3-channel model as the same
+                # ValueError, not as a raw conv error from inside the method's graph walk.
+                # The dense model is not probed: check_dense matched its parameter shapes, and
+                # reconstruct with target "pruned" never runs it.
+                check_image_channels(pruned, x[:2], "pruned")
             start = time.perf_counter()
             result = impl.run(opts, pruned, used_dense, chunks, plan)
             if device.type == "cuda":

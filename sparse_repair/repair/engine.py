@@ -573,6 +573,13 @@ def _probe(model: nn.Module, probe: torch.Tensor, role: str):
     return counts, per_image
 
 
+def check_image_channels(model: nn.Module, probe: torch.Tensor, role: str = "pruned") -> None:
+    """Raise ValueError naming the module when the first layer that receives ``probe`` (a few
+    calibration images [n, C, H, W] in the model's dtype and on its device) expects another
+    channel count; one eval-mode no_grad forward, writes nothing."""
+    _probe(model, probe, role)
+
+
 def plan_batchnorms(model: nn.Module, probe: torch.Tensor, role: str = "pruned") -> BNPlan:
     """Decide, from one probe forward on ``probe`` (a few calibration images [n, C, H, W] in the
     model's dtype and on its device), which BatchNorms are repaired: a BN without running

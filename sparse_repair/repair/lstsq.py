@@ -38,7 +38,9 @@ with ``dw = w - w_o``).
 
 Cost. Accumulating ``H, C, D`` costs ``3 K^2 P`` multiply-adds per layer in float64 (one
 ``K^2 P`` for ``target="pruned"`` or when ``x_s is x_d``); ``max_positions`` bounds ``P``.
-A position subsample gathers only the drawn patches (no full unfold).
+The error report needs D only through ``||W_d X_d||^2``, so given the dense weights ``Gram``
+sums that energy instead (``O K P``; reconstruct does this): ``2 K^2 P`` in all.
+A position subsample gathers only the drawn patches (no full unfold, no padded copy).
 Solving costs about ``k^3 / 3`` per output channel for ``k`` kept weights: each channel's system
 is gathered to its kept entries only (not the full ``K x K`` masked matrix), so sparser layers
 are cheaper to solve, and channels are solved in batches bounded by ``block_bytes``.
@@ -127,21 +129,35 @@ def unfold_inputs(x: Tensor, layer: nn.Conv2d | nn.Linear, bias: bool | None = N
         (top, bottom), (left, right) = _conv_padding(layer)
         n, g = x.shape[0], layer.groups
         (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
-        # The same columns as F.unfold, built from strided windows of the padded input and
-        # copied once, straight into the [G, Kg, N*L] layout: CPU im2col (F.unfold) plus the
-        # permute copy measured about 4x slower on ResNet-20 feature maps.
-        win = F.pad(x, (left, right, top, bottom))
-        win = win.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        win = win[..., ::dh, ::dw].unflatten(1, (g, layer.in_channels // g))
-        ho, wo = win.shape[3], win.shape[4]
         if positions is None:
+            # The same columns as F.unfold, built from strided windows of the padded input and
+            # copied once, straight into the [G, Kg, N*L] layout: CPU im2col (F.unfold) plus
+            # the permute copy measured about 4x slower on ResNet-20 feature maps.
+            win = F.pad(x, (left, right, top, bottom))
+            win = win.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+            win = win[..., ::dh, ::dw].unflatten(1, (g, layer.in_channels // g))
+            ho, wo = win.shape[3], win.shape[4]
             # [N, G, Cg, Ho, Wo, kh, kw] -> [G, Cg, kh, kw, N, Ho, Wo]
             cols = win.permute(1, 2, 5, 6, 0, 3, 4).reshape(g, -1, n * ho * wo)
         else:
-            # index the strided view: only the chosen patches are copied, [P, G, Cg, kh, kw]
+            # Gather only the chosen patches from the unpadded input; taps that fall in the
+            # zero padding are set to 0. Padding the whole chunk first (F.pad, then indexing
+            # the strided view) spent 21 s of a 181 s ResNet-56 reconstruct (cProfile, 1,024
+            # images, 4,096 positions per layer) copying maps of which ~1/256 was then read.
+            size_h, size_w = x.shape[2], x.shape[3]
+            ho = (size_h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+            wo = (size_w + left + right - dw * (kw - 1) - 1) // sw + 1
             loc = positions % (ho * wo)
-            cols = win[positions // (ho * wo), :, :, loc // wo, loc % wo]
-            cols = cols.permute(1, 2, 3, 4, 0).reshape(g, -1, positions.numel())
+            iy = (loc // wo)[:, None] * sh - top + torch.arange(kh, device=x.device) * dh
+            ix = (loc % wo)[:, None] * sw - left + torch.arange(kw, device=x.device) * dw
+            inside = (((iy >= 0) & (iy < size_h))[:, :, None]
+                      & ((ix >= 0) & (ix < size_w))[:, None, :])               # [P, kh, kw]
+            # advanced indices around a slice put the index dims first: [P, kh, kw, C]
+            taps = x[(positions // (ho * wo))[:, None, None], :,
+                     iy.clamp(0, size_h - 1)[:, :, None], ix.clamp(0, size_w - 1)[:, None, :]]
+            taps = torch.where(inside[..., None], taps, taps.new_zeros(()))
+            # [P, kh, kw, G*Cg] -> [G, Cg, kh, kw, P]
+            cols = taps.permute(3, 1, 2, 0).reshape(g, -1, positions.numel())
     else:
         raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
     if bias:
@@ -175,6 +191,10 @@ class Gram:
         seed: seed of the ``torch.Generator`` (CPU) that draws the positions.
         batch_bytes: bound on the float64 patch matrices built at once; a chunk is unfolded in
             slices of whole samples, so memory does not grow with the chunk.
+        dense_weight, dense_bias: the dense layer's weight (``layer.weight``'s shape) and bias
+            (present iff ``layer.bias`` is). When given with target "dense", D is not summed:
+            ``energy`` (``sum ||W_d X_d||^2`` per group, ``O_g K P`` multiply-adds instead of
+            D's ``K^2 P``) is, which is all the error report needs from D (``solve``).
 
     Without ``max_positions`` the sums do not depend on chunking (up to float64 rounding of the
     addition order). With ``max_positions = M`` and ``N = n_samples``, the chunk that holds
@@ -191,9 +211,22 @@ class Gram:
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, *, target: str = "dense",
                  max_positions: int | None = None, n_samples: int | None = None, seed: int = 0,
-                 batch_bytes: int = 256 * _MIB):
+                 batch_bytes: int = 256 * _MIB, dense_weight: Tensor | None = None,
+                 dense_bias: Tensor | None = None):
         if not isinstance(layer, nn.Conv2d | nn.Linear):
             raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+        self._w = None       # [G, O_g, K] float64 dense rows, when the energy replaces D
+        if dense_weight is not None and target == "dense":
+            if dense_weight.shape != layer.weight.shape or (dense_bias is None) != (
+                    layer.bias is None):
+                raise ValueError(f"dense_weight {tuple(dense_weight.shape)} (bias "
+                                 f"{dense_bias is not None}) does not match the layer's weight "
+                                 f"{tuple(layer.weight.shape)} (bias {layer.bias is not None})")
+            groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+            w = dense_weight.detach().reshape(dense_weight.shape[0], -1).to(torch.float64)
+            if dense_bias is not None:
+                w = torch.cat([w, dense_bias.detach().to(torch.float64)[:, None]], dim=1)
+            self._w = w.unflatten(0, (groups, -1))
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if max_positions is not None:
@@ -211,20 +244,35 @@ class Gram:
         self._h: Tensor | None = None
         self._c: Tensor | None = None
         self._d: Tensor | None = None
+        self._energy: Tensor | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []   # columns not yet summed (_flush)
+        self._pending_bytes = 0
 
     @property
     def H(self) -> Tensor:  # noqa: N802 - the notation of the issue
+        self._flush()
         if self._h is None:
             raise ValueError("no input was added")
         return self._h
 
     @property
     def C(self) -> Tensor:  # noqa: N802
+        self._flush()
         return self.H if self._c is None else self._c
 
     @property
     def D(self) -> Tensor:  # noqa: N802
+        self._flush()
+        if self._w is not None:
+            raise ValueError("D is not summed when dense_weight is given; use energy")
         return self.H if self._d is None else self._d
+
+    @property
+    def energy(self) -> Tensor | None:
+        """``sum ||W_d,g X_d,g||_F^2`` per group, ``[G]`` float64, when built with
+        ``dense_weight`` (target "dense"); else None."""
+        self._flush()
+        return self._energy
 
     def _draw(self, n: int, per_sample: int) -> Tensor | None:
         """Sorted flat indices (``i * L + l``) of the positions of this chunk to use; None for
@@ -256,8 +304,7 @@ class Gram:
         per_sample = _positions_per_sample(x_s, self.layer)
         picked = self._draw(n, per_sample)
         k = unfold_inputs(x_s[:1], self.layer).shape[1]  # validates the shape, too
-        sums: list[Tensor | None] = [None, None, None]   # this chunk's H, C, D
-        used = 0
+        pieces: list[tuple[Tensor, Tensor]] = []         # this chunk's (X_s, X_d) columns
         # slices of whole samples: each slice's float64 patch matrices stay under batch_bytes
         step = max(1, self.batch_bytes // max(1, 8 * k * per_sample * (1 if same else 2)))
         for i0 in range(0, n, step):
@@ -270,29 +317,45 @@ class Gram:
                 cols = (picked[lo:hi] - i0 * per_sample).to(x_s.device)
             xs = self._cols(x_s[i0:i1], cols)
             xd = xs if same else self._cols(x_d[i0:i1], cols)
-            h = xs @ xs.transpose(1, 2)
-            sums[0] = h if sums[0] is None else sums[0] + h
-            if not same:
-                c, d = xs @ xd.transpose(1, 2), xd @ xd.transpose(1, 2)
-                sums[1] = c if sums[1] is None else sums[1] + c
-                sums[2] = d if sums[2] is None else sums[2] + d
-            used += xs.shape[2]
-        # a non-finite input value makes the diagonal of H or D inf / NaN: checking the sums
-        # is far cheaper than scanning the inputs, and nothing is added when it fails
-        for m in sums:
-            if m is not None and not torch.isfinite(torch.diagonal(m, dim1=1, dim2=2)).all():
+            # checked before anything of this chunk is kept: a failed add adds nothing
+            if not (torch.isfinite(xs).all() and (same or torch.isfinite(xd).all())):
                 raise ValueError("layer input has non-finite values")
-        if sums[0] is not None:
-            if self._h is None:
-                self._h = torch.zeros_like(sums[0])
-                if self.target == "dense":
-                    self._c, self._d = torch.zeros_like(sums[0]), torch.zeros_like(sums[0])
-            self._h += sums[0]
-            if self._c is not None:
-                self._c += sums[0] if same else sums[1]
-                self._d += sums[0] if same else sums[2]
-        self.n += used
+            pieces.append((xs, xd))
+        self._pending += pieces
+        self._pending_bytes += sum(8 * a.numel() * (1 if a is b else 2) for a, b in pieces)
+        self.n += sum(a.shape[2] for a, _ in pieces)
         self.samples += n
+        if self._pending_bytes >= self.batch_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Sum the buffered columns into H, C and D (or the energy). Columns are buffered up to
+        ``batch_bytes`` so that a position subsample costs one large product per layer instead
+        of one per chunk slice: the many small float64 products (and their thread start-ups)
+        took 42 s of a 163 s ResNet-56 reconstruct (cProfile, 1,024 images, 4,096 positions
+        per layer, 2 loaded cores)."""
+        if not self._pending:
+            return
+        xs = torch.cat([a for a, _ in self._pending], dim=2)
+        same = all(a is b for a, b in self._pending)
+        xd = xs if same else torch.cat([b for _, b in self._pending], dim=2)
+        self._pending, self._pending_bytes = [], 0
+        h = xs @ xs.transpose(1, 2)
+        if self._h is None:
+            self._h = torch.zeros_like(h)
+            if self.target == "dense":
+                self._c = torch.zeros_like(h)
+                if self._w is None:
+                    self._d = torch.zeros_like(h)
+                else:
+                    self._energy = h.new_zeros(h.shape[0])
+        self._h += h
+        if self._c is not None:
+            self._c += h if same else xs @ xd.transpose(1, 2)
+        if self._d is not None:
+            self._d += h if same else xd @ xd.transpose(1, 2)
+        if self._energy is not None:
+            self._energy += (self._w.to(xd.device) @ xd).square().sum(dim=(1, 2))
 
     def _cols(self, x: Tensor, cols: Tensor | None) -> Tensor:
         # float64 so that H is float64 exact (unfolding only copies values); cast the input
@@ -325,12 +388,10 @@ class SolveInfo:
     blocks: int = 0
 
 
-def _rel_err(w_d: Tensor, w: Tensor, h: Tensor, c: Tensor, d: Tensor) -> tuple[float, float]:
-    """Squared error ``sum_o w_d^T D w_d - 2 w^T C w_d + w^T H w`` and ``sum_o w_d^T D w_d``
-    of one group; ``w_d``, ``w``: ``[O_g, K]``."""
-    ref = ((w_d @ d) * w_d).sum()
-    err = ref - 2 * ((w @ c) * w_d).sum() + ((w @ h) * w).sum()
-    return float(err), float(ref)
+def _sq_err(w_d: Tensor, w: Tensor, h: Tensor, c: Tensor, ref: float) -> float:
+    """Squared error ``ref - 2 sum_o w^T C w_d + sum_o w^T H w`` of one group, ``ref`` being
+    ``sum_o w_d^T D w_d = ||W_d X_d||^2``; ``w_d``, ``w``: ``[O_g, K]``."""
+    return ref - 2 * float(((w @ c) * w_d).sum()) + float(((w @ h) * w).sum())
 
 
 def _blocks(counts: Tensor, budget: int) -> list[tuple[int, int]]:
@@ -369,7 +430,7 @@ def _solve_block(a: Tensor, b: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
 
 def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None = None,  # noqa: N803
           *, damping: float = 0.01, bias: Tensor | None = None, prior: str = "zero",
-          block_bytes: int = 256 * _MIB, cond: bool = True
+          block_bytes: int = 256 * _MIB, cond: bool = True, energy: Tensor | None = None
           ) -> tuple[Tensor, Tensor | None, SolveInfo]:
     """Least-squares rebuild of one layer's kept weights (module docstring for the rule).
 
@@ -388,6 +449,8 @@ def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None =
             similar kept count (sorted, stable), each system gathered to its kept entries and
             padded with decoupled identity rows to the block's largest count.
         cond: compute ``SolveInfo.cond_h`` (an eigendecomposition of H per group, ``K^3``).
+        energy: ``[groups]`` float64, ``sum ||W_d X_d||^2`` per group (``Gram.energy``): all
+            the error report needs from D, so either may be given (energy wins).
 
     Returns:
         ``(new_weight, new_bias, info)``: dtype and device of ``weight`` / ``bias``, pruned
@@ -414,6 +477,8 @@ def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None =
     for name, m in (("C", C), ("D", D)):
         if m is not None and m.shape != H.shape:
             raise ValueError(f"{name} {tuple(m.shape)} does not match H {tuple(H.shape)}")
+    if energy is not None and energy.shape != H.shape[:1]:
+        raise ValueError(f"energy {tuple(energy.shape)} does not match {H.shape[0]} groups")
     if bias is not None and bias.shape != (o_all,):
         raise ValueError(f"bias {tuple(bias.shape)} does not match {o_all} output channels")
     if not (torch.isfinite(H).all() and torch.isfinite(C).all()):
@@ -474,7 +539,7 @@ def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None =
                                                   or torch.isfinite(new_bias).all())):
         raise ValueError(f"the rebuilt weights overflow {weight.dtype}")
 
-    if D is not None:
+    if D is not None or energy is not None:
         # the error of what is written back: the cast to the layer's dtype included
         written = new_weight.detach().reshape(o_all, kw).to(dev, f64)
         if bias is not None:
@@ -482,9 +547,11 @@ def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None =
         before = after = ref = 0.0
         for g in range(groups):
             rows = slice(g * o_g, (g + 1) * o_g)
-            h, c, d = H[g].to(f64), C[g].to(f64), D[g].to(f64)
-            e0, ref_g = _rel_err(w_full[rows], w_full[rows] * m_full[rows], h, c, d)
-            e1, _ = _rel_err(w_full[rows], written[rows], h, c, d)
+            h, c, w_d = H[g].to(f64), C[g].to(f64), w_full[rows]
+            ref_g = float(energy[g]) if energy is not None else float(
+                ((w_d @ D[g].to(f64)) * w_d).sum())
+            e0 = _sq_err(w_d, w_d * m_full[rows], h, c, ref_g)
+            e1 = _sq_err(w_d, written[rows], h, c, ref_g)
             before, after, ref = before + e0, after + e1, ref + ref_g
         info.rel_err_before = _ratio(before, ref)
         info.rel_err_after = _ratio(after, ref)

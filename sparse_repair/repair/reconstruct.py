@@ -248,16 +248,20 @@ class _Refit:
         layer, layer_d = self.mods_p[name], self.mods_d[name]
         # One generator per layer, seeded from (seed, position in the order): both paths refit
         # the same layers in the same order, so they draw the same positions.
+        w_d = layer_d.weight.detach()
+        b_d = None if layer_d.bias is None else layer_d.bias.detach()
+        # with the dense weights, Gram sums ||W_d X_d||^2 instead of D = X_d X_d^T (the error
+        # report's only use of D): one K x K product per chunk fewer (lstsq module docstring)
         gram = Gram(layer, target=self.target, max_positions=self.max_positions,
-                    n_samples=self.n_samples, seed=self.seed * 1_000_003 + self.index)
+                    n_samples=self.n_samples, seed=self.seed * 1_000_003 + self.index,
+                    dense_weight=w_d, dense_bias=b_d)
         self.index += 1
         for x_s, x_d in pairs:
             gram.add(x_s, x_d)
-        w_d = layer_d.weight.detach()
-        b_d = None if layer_d.bias is None else layer_d.bias.detach()
         mask = _effective_weight(layer).detach() != 0
-        w, b, info = solve(w_d, mask, gram.H, gram.C, gram.D, damping=self.damping, bias=b_d,
-                           prior=self.prior, cond=False)
+        w, b, info = solve(w_d, mask, gram.H, gram.C, None if gram.energy is not None else gram.D,
+                           damping=self.damping, bias=b_d, prior=self.prior, cond=False,
+                           energy=gram.energy)
         target_w = _weight_tensor(layer)
         self.saved.append((target_w, target_w.detach().clone()))
         # under a prune mask only the kept entries of weight_orig change; the mask zeroes the rest
