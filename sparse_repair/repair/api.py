@@ -19,8 +19,13 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .engine import (ModelState, batchnorms, check_dense_forward, check_image_channels,
-                     plan_batchnorms)
+from .engine import (
+    ModelState,
+    batchnorms,
+    check_dense_forward,
+    check_image_channels,
+    plan_batchnorms,
+)
 from .methods import REPAIRS
 
 
