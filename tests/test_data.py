@@ -300,3 +300,14 @@ def test_scoring_set_is_disjoint_from_the_calibration_set_and_checked(asset_root
     with pytest.raises(ValueError, match="scoring size"):
         D.scoring_set("cifar10", n=0, seed=3, calib=40)
     assert torch.equal(score, D.scoring_set("cifar10", n=20, seed=3, calib=40)), "not seeded"
+
+
+@pytest.mark.parametrize("kw", [{"n": "5"}, {"n": 5.5}, {"n": True}, {"seed": "0"},
+                                {"seed": 1.0}])
+def test_draw_sizes_and_seeds_must_be_ints(asset_root, kw):
+    """A string or float size / seed is refused by name (it once surfaced as torch's slice
+    error or a str-int comparison) before any image is read."""
+    _write_cifar10(asset_root, batches=(1,), n=10)
+    for draw, args in ((D.calibration_set, {"n": 4}), (D.scoring_set, {"n": 4, "calib": 4})):
+        with pytest.raises(TypeError, match="must be an int"):
+            draw("cifar10", **{**args, **kw})

@@ -70,7 +70,7 @@ def scoring_set(dataset: str, n: int = 1000, seed: int = 0, *, calib: int = 1024
         pool = train_split_size(dataset)
     except AssetMissingError:
         pool = None  # a cached draw may still exist; _train_draw decides
-    if pool is not None and n >= 1 and calib + n > pool:
+    if pool is not None and isinstance(n, int) and n >= 1 and calib + n > pool:
         raise ValueError(f"{calib} calibration + {n} scoring images exceed the {pool} images of "
                          f"the {dataset} train split, so the two sets would overlap; use fewer "
                          f"scoring images (at most {max(pool - calib, 0)})")
@@ -80,6 +80,11 @@ def scoring_set(dataset: str, n: int = 1000, seed: int = 0, *, calib: int = 1024
 def _train_draw(dataset: str, n: int, seed: int, resolution: int | None, part: str
                 ) -> torch.Tensor:
     """The head ("calib") or tail ("score") n of the seeded permutation of the train split."""
+    what = "calibration" if part == "calib" else "scoring"
+    for name, value in ((f"{what} size n", n), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); "
+                            f"pass for example {name.split()[-1]}=1024")
     spec = get_spec(dataset)
     resolution = resolution or spec.default_resolution
     root = asset_root()
@@ -88,7 +93,6 @@ def _train_draw(dataset: str, n: int, seed: int, resolution: int | None, part: s
     except AssetMissingError as e:  # a machine holding only <root>/cache may still have it
         pool, missing = None, e
     if pool is not None and (n <= 0 or n > pool):
-        what = "calibration" if part == "calib" else "scoring"
         raise ValueError(f"{what} size must be in [1, {pool}] (the {dataset} train split "
                          f"under {root} holds {pool} images), got {n}")
     # The decoded draw is cached (uint8, 3 MB for 1,024 CIFAR images) because a study decodes
