@@ -631,3 +631,27 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name():
 
     with pytest.raises(ValueError, match="holds a resnet8 .* pass --model resnet8"):
         load_dense(RunConfig(model="resnet20", dataset="digits", weights=str(CKPT)))
+
+
+def test_report_keeps_runs_of_different_calibration_sizes_apart(tmp_path, monkeypatch):
+    """A [[models]] entry may override calib (or n_eval, resolution): those runs are another
+    setting, so the report labels their model with it instead of pooling them into one cell."""
+    import json as _json
+
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    study = load_study(_study(tmp_path, sparsities=(0.9,), seeds=range(2), repairs=("asr",)))
+    rows = []
+    for calib, top1 in ((256, 40.0), (1024, 60.0)):
+        for seed in range(2):
+            rows.append({"model": "resnet8", "dataset": "digits", "allocation": "erk",
+                         "sparsity": 0.9, "repair": "asr", "seed": seed, "top1": top1 + seed,
+                         "dense_top1": 90.0, "run_id": f"c{calib}s{seed}",
+                         "config": _json.dumps({"calib": calib, "n_eval": None})})
+    report.write_report(study, rows, tmp_path / "r")
+    with open(tmp_path / "r" / "cells.csv") as f:
+        cells = {r["model"]: float(r["mean"]) for r in csv.DictReader(f)}
+    assert cells == {"resnet8-calib256": 40.5, "resnet8-calib1024": 60.5}, cells
+    same = [dict(r, config=_json.dumps({"calib": 1024})) for r in rows]
+    assert {r["model"] for r in report.split_settings(same)} == {"resnet8"}

@@ -6,6 +6,8 @@ plots it lacks and why."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,29 @@ DIFF_COLUMNS = ["group", "difference", "mean", "ci95_lo", "ci95_hi", "p_value", 
 ROW_COLUMNS = [*CELL_KEYS, "seed", "top1", "dense_top1", "run_id"]
 
 
+# Run settings that a [[models]] entry may override and that change the numbers without being a
+# cell key (calibration size, evaluation size, input resolution). Where the rows of a study
+# differ in one, the model label carries it ("resnet20-calib256"), so cells, differences, regimes
+# and plots never pool runs of different settings (the reconstruct ablation's 256 / 1,024 /
+# 4,096 calibration images once fell into one cell).
+SETTING_KEYS = ("calib", "n_eval", "resolution")
+
+
+def split_settings(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``model`` relabelled ``<model>-<key><value>...`` for every key of
+    ``SETTING_KEYS`` whose value (from each row's ``config`` JSON) is not the same in all rows;
+    the rows unchanged when none differs or the rows carry no config."""
+    if not rows or any("config" not in r or not r["config"] for r in rows):
+        return rows
+    configs = [json.loads(r["config"]) for r in rows]
+    varying = [k for k in SETTING_KEYS if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    if not varying:
+        return rows
+    return [{**r, "model": r["model"] + "".join(f"-{k.replace('_', '')}{c.get(k)}"
+                                                for k in varying)}
+            for r, c in zip(rows, configs)]
+
+
 def cell_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Top-1 over seeds per cell: a frame with columns model, dataset, allocation, sparsity,
     repair (str/float keys, sorted), mean, std (float; ddof=1, 0 for one seed) and n (int).
@@ -98,6 +123,7 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     "selection"} as ``api.report`` documents ("selection": ``select.evidence.summarize`` per
     criterion, None when no row has label-free scores)."""
     out.mkdir(parents=True, exist_ok=True)
+    rows = split_settings(rows)
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
     cells = cell_table(df)
     cells.to_csv(out / "cells.csv", index=False)
