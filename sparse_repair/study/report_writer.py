@@ -7,7 +7,6 @@ plots it lacks and why."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
