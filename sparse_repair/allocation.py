@@ -727,17 +727,29 @@ def allocate(model_or_layers: nn.Module | Iterable[LayerSpec], method: str, spar
 
     Nothing is modified: a model is only read.
     """
-    if method not in ALLOCATORS:
+    if not isinstance(method, str) or method not in ALLOCATORS:
         raise ValueError(f"unknown allocation method {method!r}; choose one of "
                          f"{', '.join(ALLOCATORS)}")
     requested = sparsity
     sparsity = check_sparsity(sparsity)
     min_keep = _check_min_keep(min_keep)
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+        raise TypeError(f"exclude must be a list of layer names (() for none), got "
+                        f"{exclude!r}" + (f"; e.g. exclude=[{exclude!r}]"
+                                          if isinstance(exclude, str) else ""))
     if isinstance(model_or_layers, nn.Module):
         modules = prunable_modules(model_or_layers)
         groups = [(name, aliases) for name, _, aliases in modules]
     else:
+        if isinstance(model_or_layers, (str, bytes)) or not isinstance(model_or_layers,
+                                                                         Iterable):
+            raise TypeError(f"allocate takes a torch.nn.Module or a list of LayerSpec, got "
+                            f"{type(model_or_layers).__name__}")
         modules, layers = None, list(model_or_layers)
+        wrong = [type(x).__name__ for x in layers if not isinstance(x, LayerSpec)]
+        if wrong:
+            raise TypeError(f"allocate takes a torch.nn.Module or a list of LayerSpec, got a "
+                            f"list holding {wrong[0]}; build layers with prunable_layers(model)")
         groups = [(layer.name, tuple(layer.aliases)) for layer in layers]
     if not groups:
         raise ValueError("no prunable layers (Conv2d or Linear weights) found; nothing to "
@@ -773,6 +785,11 @@ def allocate(model_or_layers: nn.Module | Iterable[LayerSpec], method: str, spar
             raise ValueError(f"layer {layer.name!r} has NaN or Inf weights; fix the checkpoint "
                              "before pruning")
     sizes = np.array([layer.size for layer in layers], dtype=np.int64)
+    empty = [n for n, size in zip(names, sizes) if size == 0]
+    if empty:
+        raise ValueError(f"layer(s) {empty} have an empty weight (0 elements): nothing to "
+                         "prune and no density (keep / size is 0 / 0); remove them from the "
+                         "model (or allocate over the other layers' LayerSpecs)")
     total = int(sizes.sum())
     keep_total = total - prune_count(requested, total)
     keep_free = keep_total - int(sizes[~is_free].sum())

@@ -26,9 +26,11 @@ def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *
     Raises weights.CheckpointError (a ValueError) before any image is read when the model
     cannot fit the data set (``weights.check_weights_fit``: NaN/Inf weights, another class
     count, weights trained on other labels or at another resolution): a silent 10% is not a
-    result."""
+    result. ValueError for a batch_size that is not an int >= 1."""
     from .weights import check_weights_fit
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     spec = get_spec(dataset)
     check_weights_fit(model, dataset, spec.num_classes,
                       resolution if resolution is not None else spec.default_resolution)

@@ -58,6 +58,11 @@ def prune_(model: nn.Module, allocation: Allocation) -> dict[str, torch.Tensor]:
     non-excluded weight that is not a plain Parameter (``weight_problem`` says how to prepare
     it, e.g. ``torch.nn.utils.prune.remove(module, "weight")``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune_ takes a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(allocation, Allocation):
+        raise TypeError(f"allocation must be an Allocation (from allocate(model, method, "
+                        f"sparsity)), got {type(allocation).__name__}")
     targets = _resolve(model, allocation.names, "allocation",
                        "allocate on this model (or a copy of it)")
     excluded = set(allocation.excluded)
@@ -90,9 +95,14 @@ def prune_(model: nn.Module, allocation: Allocation) -> dict[str, torch.Tensor]:
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Multiply each named layer's weight by its mask (same shape; bool or 0/1), in place.
 
-    Raises ValueError, before any weight changes, for an unknown layer, a shape mismatch, two
-    masks for one tied weight, or a weight that is not a plain Parameter (``weight_problem``).
+    Raises, before any weight changes: TypeError when ``masks`` is not a dict or a mask is
+    not a torch tensor; ValueError for an unknown layer, a shape mismatch, a mask with a value
+    other than 0 and 1 (0.5 would scale the weights, NaN poison them), two masks for one tied
+    weight, or a weight that is not a plain Parameter (``weight_problem``).
     """
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{layer name: mask tensor}} (what prune_ "
+                        f"returns), got {type(masks).__name__}")
     targets = _resolve(model, list(masks), "mask set", "masks come from prune_ on this model "
                        "(or a copy of it)")
     for name, mask in masks.items():
@@ -100,9 +110,16 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         problem = weight_problem(module, layer)
         if problem:
             raise ValueError(problem)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask for {name!r} is a {type(mask).__name__}; pass a torch "
+                            "tensor (bool, or 0/1), e.g. torch.as_tensor(mask, dtype=torch.bool)")
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight "
                              f"{tuple(module.weight.shape)}")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"mask for {name!r} holds values other than 0 and 1 (dtype "
+                             f"{mask.dtype}); a mask keeps or zeroes weights, it does not scale "
+                             "them: pass a bool mask")
     for name, mask in masks.items():
         weight = targets[name][1].weight
         weight.mul_(mask.to(weight.device))
@@ -153,7 +170,20 @@ def sparsity_report(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
 
     A layer is ``collapsed`` when it keeps zero of its weights; ``total["collapsed"]`` lists
     them (layer collapse: Lee et al., ICLR 2021; Tanaka et al., NeurIPS 2020).
+    Raises ValueError for a mask naming a layer the model lacks or of another shape than its
+    weight (it would be counted silently for the wrong layer or not at all).
     """
+    if masks is not None:
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict {{layer name: mask tensor}} (what prune_ "
+                            f"returns), got {type(masks).__name__}")
+        targets = _resolve(model, list(masks), "mask set", "masks come from prune_ on this "
+                           "model (or a copy of it)")
+        for name, mask in masks.items():
+            shape = tuple(read_weight(targets[name][1]).shape)
+            if tuple(getattr(mask, "shape", ())) != shape:
+                raise ValueError(f"mask for {name!r} has shape "
+                                 f"{tuple(getattr(mask, 'shape', ()))}, the weight {shape}")
     rows = []
     for name, m, aliases in prunable_modules(model):
         weight = read_weight(m)

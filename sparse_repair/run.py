@@ -23,6 +23,9 @@ def config_from_dict(cls, d: dict, what: str):
     refuses unknown keys naming the valid ones, then runs ``check``; ValueError/TypeError before
     anything runs."""
     valid = [f.name for f in fields(cls)]
+    if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+        raise TypeError(f"{what} settings must be a dict {{setting: value}}, got "
+                        f"{type(d).__name__}; valid settings: {', '.join(valid)}")
     unknown = sorted(set(d) - set(valid))
     if unknown:
         raise ValueError(f"unknown {what} setting(s) {', '.join(map(repr, unknown))}; valid "
@@ -84,11 +87,30 @@ class RunConfig:
         """Refuse a value that would fail (or be silently reinterpreted) only after the dense
         model is loaded, so a study file or a command line is rejected before any work: the
         sparsity (``allocation.check_sparsity``), image counts, seed, n_eval, resolution, the
-        device (parsed by torch), list settings given as a string,
-        and the repairs with their options (``repair_calls``). Raises ValueError / TypeError
-        naming the setting and the fix."""
-        from .allocation import check_sparsity
+        device (parsed by torch), list settings given as a string, the model, data set and
+        allocation names (their registries), pretrained (a bool: the string "false" is true),
+        weights (a path string or None), shrinkage (an asr shrinkage rule, and only with asr or
+        clipped_asr among the repairs), an empty or repeated repair list, and the repairs with
+        their options (``repair_calls``; every option name and value is resolved by the
+        method, as ``repair`` would). Raises ValueError / TypeError naming the setting and the
+        fix."""
+        from .allocation import check_sparsity, list_allocators
+        from .data import get_spec
+        from .models import list_models
+        from .repair import REPAIRS
 
+        for name, valid in (("model", list_models()), ("allocation", list_allocators())):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in valid:
+                raise ValueError(f"unknown {name} {v!r}; choose one of {', '.join(valid)}")
+        if not isinstance(self.dataset, str):
+            raise ValueError(f"dataset must be a data set name, got {self.dataset!r}")
+        get_spec(self.dataset)  # names the registered data sets
+        if not isinstance(self.pretrained, bool):
+            raise TypeError(f"pretrained must be true or false, got {self.pretrained!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise TypeError(f"weights must be a checkpoint path (a string) or None, got "
+                            f"{self.weights!r}")
         check_sparsity(self.sparsity)
 
         def integer(name, lo, none_ok=False):
@@ -108,8 +130,25 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, str) or not isinstance(v, (list, tuple)):
                 raise TypeError(f"{name} must be a list of names, got {v!r}; e.g. [{v!r}]")
+            if not all(isinstance(x, str) for x in v):
+                raise TypeError(f"{name} must be a list of names (strings), got {v!r}")
+        if not self.repairs:
+            raise ValueError("repairs is empty: name at least one repair (e.g. ['none'] for "
+                             "pruning only)")
+        dup = sorted({r for r in self.repairs if list(self.repairs).count(r) > 1})
+        if dup:
+            raise ValueError(f"repairs lists {dup} more than once; name each repair once (a "
+                             "variant of one method gets its own label in repair_options)")
         check_device(self.device)
-        self.repair_calls()  # validates repairs and repair_options
+        calls = self.repair_calls()  # validates repairs and repair_options
+        if self.shrinkage is not None:
+            REPAIRS["asr"].resolve(shrinkage=self.shrinkage)  # a known rule, named if not
+            if not any(method in ("asr", "clipped_asr") for _, method, _ in calls):
+                raise ValueError(f"shrinkage={self.shrinkage!r} applies to asr and clipped_asr "
+                                 f"only, and repairs {list(self.repairs)} has neither; add one "
+                                 "or drop shrinkage")
+        for _, method, opts in calls:  # an unknown option or bad value, before any work
+            REPAIRS[method].resolve(**opts)
 
     def repair_calls(self) -> list[tuple[str, str, dict]]:
         """(label, method, options) for every entry of ``repairs``. Raises ValueError for a

@@ -87,7 +87,39 @@ def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     return windows[torch.arange(n, device=x.device), :, dy, dx]
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a setting that would fail inside torch (a zero division, OneCycleLR's
+    "total_steps") or train silently wrong (NaN lr), before any data is read. Raises
+    ValueError naming the setting."""
+    def number(v):
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(name, lo, none_ok=False):
+        v = getattr(cfg, name)
+        if not (v is None and none_ok) and (isinstance(v, bool) or not isinstance(v, int)
+                                            or v < lo):
+            raise ValueError(f"{name} must be an int >= {lo}{' or None' if none_ok else ''}, "
+                             f"got {v!r}")
+
+    integer("epochs", 1)
+    integer("batch_size", 1)
+    integer("seed", 0)
+    integer("resolution", 1, none_ok=True)
+    integer("threads", 1, none_ok=True)
+    if not (number(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0 (the one-cycle peak), got {cfg.lr!r}")
+    if not (number(cfg.momentum) and 0 < cfg.momentum < 1):
+        raise ValueError(f"momentum must be a number in (0, 1) (Nesterov needs one), got "
+                         f"{cfg.momentum!r}")
+    if not (number(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got "
+                         f"{cfg.label_smoothing!r}")
+    if not (number(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -265,7 +265,7 @@ def repair(pruned: nn.Module, method: str, calibration, *, dense: nn.Module | No
     buffer of ``pruned`` bit for bit, its modules' training flags, BN momenta and requires_grad
     flags, then propagates. Training flags of ``pruned`` and ``dense`` are restored in any case.
     """
-    if method not in REPAIRS:
+    if not isinstance(method, str) or method not in REPAIRS:
         raise ValueError(f"unknown repair method {method!r}; choose one of {', '.join(REPAIRS)}")
     impl = REPAIRS[method]
     opts = impl.resolve(**options)

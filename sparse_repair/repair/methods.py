@@ -38,20 +38,30 @@ class EngineOptions:
     path: "auto" (one-pass when the model traces with torch.fx, else re-run), "onepass" or
     "rerun". memory_limit_gb: the one-pass live-frontier limit in GiB before falling back to
     re-run; None = half the free CUDA memory, 8 GiB on CPU (``engine.memory_limit_bytes``).
-    Raises ValueError for a path not in ``engine.PATHS`` or a limit that is not a number.
+    Raises ValueError for a path not in ``engine.PATHS`` or a limit that is not a number > 0
+    (a string, a bool, NaN, 0 or a negative limit; float("inf") never falls back).
     """
     path: str = "auto"
     memory_limit_gb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"unknown path {self.path!r}; choose {', '.join(PATHS)}")
-        if self.memory_limit_gb is not None:
-            try:
-                float(self.memory_limit_gb)
-            except (TypeError, ValueError):
-                raise ValueError(f"memory_limit_gb must be a number of GiB or None, got "
-                                 f"{self.memory_limit_gb!r}") from None
+        _choice("path", self.path, PATHS)
+        limit = self.memory_limit_gb
+        if limit is not None and not (_is_number(limit) and limit > 0):
+            raise ValueError(f"memory_limit_gb must be a number of GiB > 0 or None (None = the "
+                             f"default limit), got {limit!r}")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool and not NaN (a string such as "4" is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _choice(option: str, value: Any, valid) -> None:
+    """Raise ValueError naming ``option`` unless ``value`` is one of the strings ``valid``
+    (checked as a string first: an unhashable value is named, not a raw TypeError)."""
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"unknown {option} {value!r}; choose {', '.join(valid)}")
 
 
 SCOPES = ("all", "branch_end", "inner")
@@ -68,19 +78,30 @@ class ASROptions(EngineOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.shrinkage not in SHRINKAGE:
-            raise ValueError(f"unknown shrinkage {self.shrinkage!r}; choose one of "
-                             f"{', '.join(SHRINKAGE)}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; choose {', '.join(SCOPES)}")
+        _choice("shrinkage", self.shrinkage, SHRINKAGE)
+        _choice("scope", self.scope, SCOPES)
 
 
 @dataclass(frozen=True)
 class ClippedASROptions(ASROptions):
     """g_min, g_max: bounds on each channel's gain relative to the unrepaired model. Default
-    chosen by the clip sweep in docs/RESULTS.md section 3 (scripts/repair_ablation.py clip)."""
+    chosen by the clip sweep in docs/RESULTS.md section 3 (scripts/repair_ablation.py clip).
+    Raises ValueError unless 0 <= g_min <= g_max, g_min finite (g_max = float("inf"): no upper
+    clip); g_min > g_max would silently set every gain to g_max."""
     g_min: float = 0.0
     g_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option, value in (("g_min", self.g_min), ("g_max", self.g_max)):
+            if not (_is_number(value) and value >= 0):
+                raise ValueError(f"{option} must be a number >= 0 (a bound on the channel "
+                                 f"gain), got {value!r}")
+        if self.g_min == float("inf"):
+            raise ValueError("g_min must be finite, got inf; use g_min=0.0 for no lower clip")
+        if self.g_min > self.g_max:
+            raise ValueError(f"g_min={self.g_min!r} is above g_max={self.g_max!r}; pass "
+                             "g_min <= g_max (g_max=float('inf') for no upper clip)")
 
 
 def option_names(options_cls: type) -> list[str]:
@@ -395,9 +416,8 @@ class ReconstructOptions(EngineOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.damping, bool) or not isinstance(self.damping, int | float) or \
-                not self.damping >= 0:
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        if not (_is_number(self.damping) and 0 <= self.damping < float("inf")):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if self.max_positions is not None and (
                 isinstance(self.max_positions, bool) or not isinstance(self.max_positions, int)
                 or self.max_positions < 1):
@@ -405,8 +425,7 @@ class ReconstructOptions(EngineOptions):
                              f"{self.max_positions!r}")
         for option, value, valid in (("target", self.target, TARGETS),
                                      ("prior", self.prior, PRIORS), ("then", self.then, THEN)):
-            if value not in valid:
-                raise ValueError(f"unknown {option} {value!r}; choose {', '.join(valid)}")
+            _choice(option, value, valid)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

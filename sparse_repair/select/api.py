@@ -19,7 +19,7 @@ from ..data import calibration_set, get_spec, scoring_set
 from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
 from ..pruning import prune_
-from ..repair import REPAIRS, list_repairs, repair
+from ..repair import list_repairs, repair
 from ..run import RunConfig, _opt, check_device, config_from_dict, input_resolution, load_dense
 
 CRITERIA = ("kl", "agreement")
@@ -122,11 +122,8 @@ class SelectConfig:
             raise ValueError(f"evaluate must be true or false, got {self.evaluate!r}")
         # seed, device, resolution, repairs and options: the run's own checks, once.
         run = self.run_config()
-        run.check()
-        calls = run.repair_calls()
-        for _, method, opts in calls:  # an unknown option or bad value, before any work
-            REPAIRS[method].resolve(**opts)
-        return calls
+        run.check()  # resolves every repair's options too
+        return run.repair_calls()
 
 
 def _finite(x):

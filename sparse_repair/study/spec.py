@@ -91,6 +91,27 @@ def _valid_keys() -> list[str]:
             *(f.name for f in dataclasses.fields(RunConfig) if f.name not in swept)]
 
 
+def _check_axes(path: Path, model, axes: dict) -> None:
+    """Each grid axis is a list of values of its type, each value once: seeds ints, sparsities
+    numbers (never converted from a string or truncated, e.g. seed 0.5 or sparsity "0.9"),
+    allocations names. A repeated value would run one configuration twice under one id.
+    Raises ValueError naming the axis and the model."""
+    kinds = {"seeds": ("ints", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+             "sparsities": ("numbers", lambda v: isinstance(v, int | float)
+                            and not isinstance(v, bool)),
+             "allocations": ("names", lambda v: isinstance(v, str))}
+    for key, values in axes.items():
+        noun, ok = kinds[key]
+        if not isinstance(values, list) or not all(ok(v) for v in values):
+            hint = "" if isinstance(values, list) else f"; e.g. {key} = [{values!r}]"
+            raise ValueError(f"{path}: model {model}: {key} must be a list of {noun}, got "
+                             f"{key} = {values!r}{hint}")
+        dup = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if dup:
+            raise ValueError(f"{path}: model {model}: {key} lists {dup} more than once; name "
+                             "each value once")
+
+
 def load_study(path: str | Path) -> Study:
     """Expand a study file into runs. Raises FileNotFoundError for a missing file and
     ValueError for a study without models or grid axes, or with a key that is neither a
@@ -101,6 +122,10 @@ def load_study(path: str | Path) -> Study:
     raw = tomllib.loads(path.read_text())
     if not raw.get("models"):
         raise ValueError(f"{path}: a study needs at least one [[models]] table")
+    if not isinstance(raw["models"], list) or not all(isinstance(m, dict)
+                                                      for m in raw["models"]):
+        raise ValueError(f"{path}: models must be [[models]] tables (one per model, each with "
+                         f"model = \"...\"), got models = {raw['models']!r}")
     valid = _valid_keys()
     for where, table in [("top level", raw)] + [(f"[[models]] {m.get('model')}", m)
                                                 for m in raw["models"]]:
@@ -117,6 +142,7 @@ def load_study(path: str | Path) -> Study:
         if missing or "model" not in merged:
             raise ValueError(f"{path}: model {m.get('model')} has no {missing or ['model']}")
         axes = {k: merged.pop(k) for k in SWEEP_KEYS}
+        _check_axes(path, m.get("model"), axes)
         if merged.get("n_eval") in ("full", "all"):
             merged["n_eval"] = None
         merged["weights"] = _resolve_weights(merged.get("weights"), path.parent)
@@ -128,6 +154,6 @@ def load_study(path: str | Path) -> Study:
             for alloc in axes["allocations"]:
                 for sp in axes["sparsities"]:
                     cfg = RunConfig.from_dict({**merged, "allocation": alloc,
-                                               "sparsity": float(sp), "seed": int(seed)})
+                                               "sparsity": float(sp), "seed": seed})
                     runs.append((run_id(cfg), cfg))
     return Study(name, path, runs, raw)
