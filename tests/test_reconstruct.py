@@ -17,7 +17,7 @@ from sparse_repair.allocation import allocate
 from sparse_repair.models import random_with_batch_statistics
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import REPAIRS, list_repairs, repair
-from sparse_repair.repair.reconstruct import capture_input, cond_estimate, plan_layers
+from sparse_repair.repair.reconstruct import capture_input, cond_estimate, plan_layers, solve_gflop
 
 F64 = torch.float64
 
@@ -323,6 +323,28 @@ def test_layers_that_cannot_be_refit_are_skipped_with_the_reason():
         assert not torch.equal(model.head.weight, pruned.head.weight)
 
 
+def test_a_layer_over_the_solve_budget_is_left_as_pruned_with_the_estimate(grouped):
+    """max_solve_gflop bounds the float64 work of one layer's solve (sum of k^3/3 over its
+    output channels): a layer above it keeps its pruned weights, its record gives the estimate
+    and the option to raise, a UserWarning names it, and every other layer is refit as without
+    the budget. (VGG-11's 25,088-input classifier would need ~1.8e6 GFLOP: days of CPU.)"""
+    dense, pruned, calib = grouped
+    costs = {n: solve_gflop(m)[0] for n, m in pruned.named_modules()
+             if isinstance(m, nn.Conv2d | nn.Linear)}
+    big = max(costs, key=costs.get)
+    limit = (costs[big] + max(c for n, c in costs.items() if n != big)) / 2
+    free, capped = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    ref = repair(free, "reconstruct", calib, dense=dense, max_solve_gflop=None)
+    with pytest.warns(UserWarning, match=f"exceeds max_solve_gflop.*{big}"):
+        report = repair(capped, "reconstruct", calib, dense=dense, max_solve_gflop=limit)
+    assert set(report.skipped) == {big}
+    assert "pass a larger max_solve_gflop" in report.skipped[big]
+    assert f"{costs[big]:,.0f} GFLOP" in report.skipped[big]
+    assert torch.equal(capped.get_submodule(big).weight, pruned.get_submodule(big).weight)
+    assert len(ref.skipped) == 0 and not torch.equal(
+        free.get_submodule(big).weight, pruned.get_submodule(big).weight)
+
+
 def test_a_torch_prune_mask_is_refit_through_weight_orig(grouped):
     dense, _, calib = grouped
     plain, masked = copy.deepcopy(dense), copy.deepcopy(dense)
@@ -393,8 +415,10 @@ def test_options_defaults_and_bad_values():
     defaults = {f.name: f.default for f in dataclasses.fields(impl.Options)}
     assert defaults == {"path": "auto", "memory_limit_gb": None, "damping": 0.001,
                         "max_positions": 4096, "target": "dense", "prior": "zero",
-                        "then": "none", "seed": 0}
+                        "then": "none", "seed": 0, "max_solve_gflop": 4000.0}
     for option, value in (("damping", -1.0), ("damping", "big"), ("max_positions", 0),
+                          ("max_solve_gflop", 0), ("max_solve_gflop", "big"),
+                          ("max_solve_gflop", float("inf")),
                           ("max_positions", 1.5), ("target", "both"), ("prior", "one"),
                           ("then", "asr"), ("seed", "zero"), ("path", "fast")):
         with pytest.raises(ValueError, match=option.split("_")[0]):

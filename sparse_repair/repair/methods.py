@@ -406,13 +406,22 @@ class ReconstructOptions(EngineOptions):
     4096: same top-1 as 2048 and 8192, 57-61 s per repair against 64-71 s at 8192, which ran
     above the 3x budget (3.2-3.3x one dense + one pruned forward side by side, 2 busy cores);
     it keeps at least 7 positions per row of H on every ResNet-20/56 layer (K <= 576). then
-    "none": recalibrating BatchNorm after the refit drops top-1 from 69.15 to 55.60."""
+    "none": recalibrating BatchNorm after the refit drops top-1 from 69.15 to 55.60.
+    max_solve_gflop: a layer whose solve would cost more (``reconstruct.solve_gflop``: sum of
+    k^3/3 over its output channels, k kept inputs) is left as pruned and its record says why;
+    None: no limit. 4,000 GFLOP is minutes of float64 Cholesky on 2 CPU cores and seconds on a
+    data-center GPU. Measured with ``solve_gflop`` on torchvision models (10 classes) pruned by
+    ERK at 0.5: it refits every layer of the CIFAR ResNets (ResNet-56's largest is about 4
+    GFLOP even unpruned), ResNet-18 (largest 766), ResNet-50 (577), DenseNet-121 and
+    EfficientNet-B0; it skips VGG-11's 25,088-input classifier layer (1.8e6 GFLOP, days of
+    CPU time), its 4,096-input one (4.0e4) and its 4,608-input convolutions (5,057 each)."""
     damping: float = 0.001
     max_positions: int | None = 4096
     target: str = "dense"
     prior: str = "zero"
     then: str = "none"
     seed: int = 0
+    max_solve_gflop: float | None = 4000.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -428,6 +437,10 @@ class ReconstructOptions(EngineOptions):
             _choice(option, value, valid)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.max_solve_gflop is not None and not (
+                _is_number(self.max_solve_gflop) and 0 < self.max_solve_gflop < float("inf")):
+            raise ValueError(f"max_solve_gflop must be a finite number > 0 (GFLOP per layer) "
+                             f"or None (no limit), got {self.max_solve_gflop!r}")
 
 
 @register
@@ -460,7 +473,8 @@ class Reconstruct(RepairMethod):
         result = reconstruct_(pruned, dense, chunks, damping=float(opts.damping),
                               max_positions=opts.max_positions, target=opts.target,
                               prior=opts.prior, seed=opts.seed, path=opts.path,
-                              memory_limit_gb=opts.memory_limit_gb)
+                              memory_limit_gb=opts.memory_limit_gb,
+                              max_solve_gflop=opts.max_solve_gflop)
         if bn_plan is None:
             return result
         recal = REPAIRS["bn_recal"]

@@ -49,6 +49,7 @@ the mask's kept entries), and a Conv2d with a ``padding_mode`` other than "zeros
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -76,6 +77,22 @@ PADDING = ("padding_mode={mode!r}: the least-squares rebuild unfolds zero-padded
            "(lstsq.unfold_inputs)")
 COMPUTED = ("its {what} is not a plain nn.Parameter ({kind}): it is recomputed at every access "
             "or forward, so refit values written into it would not stay")
+TOO_LARGE = ("its least-squares solve would cost about {gflop:,.0f} GFLOP ({o} output channels "
+             "with up to {k} kept inputs each; sum of k^3/3), above max_solve_gflop="
+             "{limit:,.0f}: it is left as pruned; pass a larger max_solve_gflop (or None) to "
+             "refit it")
+
+
+def solve_gflop(module: nn.Module) -> tuple[float, int]:
+    """Estimated float64 work of refitting ``module`` (``nn.Conv2d`` / ``nn.Linear``) with its
+    current mask: ``sum_o k_o^3 / 3`` GFLOP for the Cholesky factorisations (``k_o``: kept
+    weights of output channel o, plus its bias), the term that grows fastest; and the largest
+    ``k_o``. The Gram products (``2 K^2 P``) and the memory of H and C (``16 K^2`` bytes per
+    group) are smaller wherever the solve fits the budget."""
+    w = _effective_weight(module).detach()
+    kept = (w.reshape(w.shape[0], -1) != 0).sum(dim=1).to(torch.float64)
+    kept = kept + (module.bias is not None)
+    return float((kept ** 3).sum() / 3e9), int(kept.max()) if kept.numel() else 0
 
 
 @dataclass(frozen=True)
@@ -139,10 +156,14 @@ def _effective_weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
-def plan_layers(model: nn.Module, probe: Tensor) -> LayerPlan:
+def plan_layers(model: nn.Module, probe: Tensor, max_solve_gflop: float | None = None
+                ) -> LayerPlan:
     """Decide which prunable layers of ``model`` are refit, from one eval-mode forward of
     ``probe`` (a few calibration images, [n, C, H, W], in the model's dtype and on its device)
     with temporary pre-hooks that count each Conv2d / Linear call (removed in ``finally``).
+
+    A layer whose solve would cost more than ``max_solve_gflop`` (``solve_gflop``; None: no
+    limit) is skipped with the estimate as its reason, and a UserWarning names it.
 
     Raises ValueError when the model has no ``nn.Conv2d`` / ``nn.Linear`` at all, or none that
     can be refit (the message lists every layer's reason). Whatever the forward raises
@@ -184,6 +205,17 @@ def plan_layers(model: nn.Module, probe: Tensor) -> LayerPlan:
             skipped[name] = SHARED.format(others=", ".join(repr(o) for o in others))
         elif (problem := _problem(m)) is not None:
             skipped[name] = problem
+        elif max_solve_gflop is not None:
+            gflop, k = solve_gflop(m)
+            if gflop > max_solve_gflop:
+                skipped[name] = TOO_LARGE.format(gflop=gflop, o=m.weight.shape[0], k=k,
+                                                 limit=max_solve_gflop)
+    budget = [n for n, r in skipped.items() if r.startswith("its least-squares solve")]
+    if budget:
+        warnings.warn(f"reconstruct leaves {len(budget)} layer(s) as pruned because their "
+                      f"solve exceeds max_solve_gflop={max_solve_gflop:,.0f}: "
+                      f"{', '.join(budget)} (the report's per-layer records say why)",
+                      UserWarning, stacklevel=4)
     calls = tuple(counts)          # dict order: first call
     order = tuple(n for n in calls if n not in skipped)
     if not order:
@@ -344,7 +376,8 @@ def run_rerun(pruned: nn.Module, dense: nn.Module | None, chunks: list[Tensor],
 def reconstruct_(pruned: nn.Module, dense: nn.Module, chunks: list[Tensor], *,
                  damping: float, max_positions: int | None, target: str = "dense",
                  prior: str = "zero", seed: int = 0, path: str = "auto",
-                 memory_limit_gb: float | None = None) -> PassResult:
+                 memory_limit_gb: float | None = None,
+                 max_solve_gflop: float | None = None) -> PassResult:
     """Refit every prunable layer of ``pruned`` in place (module docstring for the rule).
 
     Args:
@@ -360,6 +393,8 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, chunks: list[Tensor], *,
         path: "auto" (one-pass when P traces and, for target "dense", D traces to the same
             graph), "onepass" or "rerun". memory_limit_gb: the one-pass frontier limit
             (``engine.memory_limit_bytes``); past it "auto" restores the weights and re-runs.
+        max_solve_gflop: layers whose solve would cost more are left as pruned, with the reason
+            in their record (``plan_layers``); None: every layer is refit.
 
     Returns:
         ``PassResult`` (path, passes of D and of P, one record per prunable layer in forward
@@ -381,7 +416,7 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, chunks: list[Tensor], *,
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     if path not in engine.PATHS:
         raise ValueError(f"unknown path {path!r}; choose {', '.join(engine.PATHS)}")
-    plan = plan_layers(pruned, chunks[0][:2])
+    plan = plan_layers(pruned, chunks[0][:2], max_solve_gflop)
     run_dense = dense if target == "dense" else None
     n = sum(int(c.shape[0]) for c in chunks)
     refit = _Refit(pruned, dense, n, damping=damping, max_positions=max_positions,
