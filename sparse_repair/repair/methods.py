@@ -402,9 +402,9 @@ class ReconstructOptions(EngineOptions):
     estimate has a standard error of about 1 pt), against asr 43.00 and bn_recal 39.55. damping
     1e-3: the best measured (69.95 vs 69.15 at 1e-2), and the zero prior's ridge shrinks even
     an unpruned layer less (conv1, left dense by ERK: relative output error 0.006 against 0.035
-    at 1e-2). max_positions
-    4096: same top-1 as 2048 and 8192, 57-61 s per repair against 64-71 s at 8192, which ran
-    above the 3x budget (3.2-3.3x one dense + one pruned forward side by side, 2 busy cores);
+    at 1e-2). max_positions 4096: over 3 seeds at ERK 0.9 and LAMP 0.95, 16,384 and all
+    positions gain 0.35-0.87 pt with paired intervals covering 0, at 2.6x and 20x the repair
+    time, and 1,024 loses 3.2 pt under ERK (docs/repair.md, "Ablation");
     it keeps at least 7 positions per row of H on every ResNet-20/56 layer (K <= 576). then
     "none": recalibrating BatchNorm after the refit drops top-1 from 69.15 to 55.60.
     max_solve_gflop: a layer whose solve would cost more (``reconstruct.solve_gflop``: sum of
