@@ -92,6 +92,15 @@ def prune_(model: nn.Module, allocation: Allocation) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def _mask_targets(model: nn.Module, masks) -> dict:
+    """``_resolve`` of a mask set's layer names; TypeError when ``masks`` is not a dict."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{layer name: mask tensor}} (what prune_ "
+                        f"returns), got {type(masks).__name__}")
+    return _resolve(model, list(masks), "mask set", "masks come from prune_ on this model "
+                    "(or a copy of it)")
+
+
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Multiply each named layer's weight by its mask (same shape; bool or 0/1), in place.
 
@@ -100,11 +109,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     other than 0 and 1 (0.5 would scale the weights, NaN poison them), two masks for one tied
     weight, or a weight that is not a plain Parameter (``weight_problem``).
     """
-    if not isinstance(masks, dict):
-        raise TypeError(f"masks must be a dict {{layer name: mask tensor}} (what prune_ "
-                        f"returns), got {type(masks).__name__}")
-    targets = _resolve(model, list(masks), "mask set", "masks come from prune_ on this model "
-                       "(or a copy of it)")
+    targets = _mask_targets(model, masks)
     for name, mask in masks.items():
         layer, module = targets[name]
         problem = weight_problem(module, layer)
@@ -174,11 +179,7 @@ def sparsity_report(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
     weight (it would be counted silently for the wrong layer or not at all).
     """
     if masks is not None:
-        if not isinstance(masks, dict):
-            raise TypeError(f"masks must be a dict {{layer name: mask tensor}} (what prune_ "
-                            f"returns), got {type(masks).__name__}")
-        targets = _resolve(model, list(masks), "mask set", "masks come from prune_ on this "
-                           "model (or a copy of it)")
+        targets = _mask_targets(model, masks)
         for name, mask in masks.items():
             shape = tuple(read_weight(targets[name][1]).shape)
             if tuple(getattr(mask, "shape", ())) != shape:
