@@ -134,7 +134,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _n_eval(text: str) -> int | None:
-    return None if text in ("all", "full") else int(text)
+    """--n-eval: an image count, or 'full' / 'all' (the Python API's None) for the whole
+    split; anything else is argparse's usage error naming the flag."""
+    if text in ("all", "full"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an image count or 'full', got {text!r}") from None
 
 
 def _csv(text: str) -> list[str]:
@@ -167,7 +175,10 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
                            help=text)
         elif f.name == "n_eval":
-            p.add_argument(*flags, type=_n_eval, default=default, help=text + "; 'full' = all")
+            # the field's help speaks of the Python API's None; on the command line it is 'full'
+            text = text.replace("None = full split", "'full' = whole split").replace(
+                "(default: None)", "(default: full)")
+            p.add_argument(*flags, type=_n_eval, default=default, metavar="N|full", help=text)
         else:
             p.add_argument(*flags, dest=f.name, type=_PARSERS[f.type], default=default,
                            help=text)

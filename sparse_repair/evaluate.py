@@ -126,5 +126,6 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[
     logp = torch.log_softmax(logits.double(), dim=1)
     logq = torch.log_softmax(dense_logits.double(), dim=1)
     kl = (logq.exp() * (logq - logp)).sum(1).mean()
-    agree = (logits.argmax(1) == dense_logits.argmax(1)).double().mean()
-    return {"agreement": 100.0 * float(agree), "kl": float(kl)}
+    # count * 100 / n, not mean * 100: 472 of 1,000 is 47.2, not 47.199999999999996
+    agree = int((logits.argmax(1) == dense_logits.argmax(1)).sum())
+    return {"agreement": agree * 100.0 / logits.shape[0], "kl": float(kl)}

@@ -34,6 +34,18 @@ def test_run_flags_take_every_default_from_runconfig():
 def test_eval_defaults_to_the_full_split():
     assert vars(_subparser("eval").parse_args([]))["n_eval"] is None
     assert vars(_subparser("eval").parse_args(["--n-eval", "500"]))["n_eval"] == 500
+    assert vars(_subparser("run").parse_args(["--n-eval", "full"]))["n_eval"] is None
+
+
+def test_n_eval_help_and_errors_speak_the_command_line(capsys):
+    """The help says 'full' (the Python API's None is not a command-line value), and a bad
+    value is argparse's usage error naming the flag, not an internal function."""
+    assert "'full' = whole split (default: full)" in " ".join(
+        _subparser("eval").format_help().split())
+    with pytest.raises(SystemExit):
+        _subparser("eval").parse_args(["--n-eval", "None"])
+    err = capsys.readouterr().err
+    assert "argument --n-eval: expected an image count or 'full', got 'None'" in err
 
 
 def test_runconfig_from_dict_refuses_unknown_keys_and_names_valid_ones():
