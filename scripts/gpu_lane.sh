@@ -55,7 +55,7 @@ EOF
         --n-eval full --device cuda --jsonl "$OUT/shrinkage.jsonl" 2>&1 | tail -18
       ;;
     train)
-      timeout "$(limit train 300)" python3 -m sparse_repair.cli train --model resnet18 \
+      timeout "$(limit train 300)" python3 -m sparse_repair.cli train --json --model resnet18 \
         --dataset cifar10-jpeg --epochs "$EPOCHS" --device cuda \
         --out "$OUT/resnet18-cifar10jpeg.pt" 2>/dev/null > "$OUT/train_resnet18.json"
       cat "$OUT/train_resnet18.json"

@@ -129,7 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
                       seed=args.seed, device=args.device, out=args.out)
     meta = train(cfg)
-    print(json.dumps(meta, indent=1))
+    if args.json:
+        print(json.dumps(meta, indent=1))
+    else:
+        print(f"{meta['model']} on {meta['dataset']}: top-1 {meta['top1']:.2f}% on "
+              f"{meta['n_eval']} test images after {meta['train_seconds']:.0f} s; wrote "
+              f"{args.out} and {args.out}.json")
     return 0
 
 
