@@ -213,6 +213,9 @@ def test_one_seed_and_constant_differences_give_no_nan():
     assert (d.lo, d.hi, d.p, d.n, d.significant) == (None, None, None, 1, False)
     # Both repairs at chance in every seed: scipy's t is 0/0; no evidence of a difference.
     assert paired_t_interval([0.0] * 5) == (0.0, 0.0, 1.0)
+    # equal up to rounding is equal: no p = 1e-15 from a t of 4e14
+    lo, hi, p = paired_t_interval([3.02, 3.0200000000000005, 3.02])
+    assert hi - lo < 1e-12 and p == 0.0
     assert not _lamp_minus_erk([0.0] * 5).significant
 
 
