@@ -7,8 +7,8 @@ repair to see where its time goes.
 Random weights with real BN statistics, ERK 90%, 1,024 Gaussian images, chunks of 256, the
 default options: the benchmark's setting. To compare two versions of the code side by side,
 run it on both in the same quiet stretch of machine time, for example
-    git archive <rev> sparse_repair | tar -x -C /tmp/old
-    PYTHONPATH=/tmp/old python scripts/reconstruct_cost.py; python scripts/reconstruct_cost.py
+    old=$(mktemp -d) && git archive <rev> sparse_repair | tar -x -C "$old"
+    PYTHONPATH="$old" python scripts/reconstruct_cost.py; python scripts/reconstruct_cost.py
 The ratio is only meaningful on an otherwise idle machine: with more busy threads than cores
 the many small float64 operations of reconstruct slow down far more than the convolutions of
 the reference (3.14x at a load average of ~20 against 1.83x idle, same code)."""
