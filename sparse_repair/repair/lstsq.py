@@ -142,8 +142,9 @@ def unfold_inputs(x: Tensor, layer: nn.Conv2d | nn.Linear, bias: bool | None = N
         else:
             # Gather only the chosen patches from the unpadded input; taps that fall in the
             # zero padding are set to 0. Padding the whole chunk first (F.pad, then indexing
-            # the strided view) spent 21 s of a 181 s ResNet-56 reconstruct (cProfile, 1,024
-            # images, 4,096 positions per layer) copying maps of which ~1/256 was then read.
+            # the strided view) spent 21 s of a 181 s ResNet-56 reconstruct (1,024 images,
+            # 4,096 positions per layer; python scripts/reconstruct_cost.py --profile) copying
+            # maps of which ~1/256 was then read.
             size_h, size_w = x.shape[2], x.shape[3]
             ho = (size_h + top + bottom - dh * (kh - 1) - 1) // sh + 1
             wo = (size_w + left + right - dw * (kw - 1) - 1) // sw + 1
@@ -332,8 +333,8 @@ class Gram:
         """Sum the buffered columns into H, C and D (or the energy). Columns are buffered up to
         ``batch_bytes`` so that a position subsample costs one large product per layer instead
         of one per chunk slice: the many small float64 products (and their thread start-ups)
-        took 42 s of a 163 s ResNet-56 reconstruct (cProfile, 1,024 images, 4,096 positions
-        per layer, 2 loaded cores)."""
+        took 42 s of a 163 s ResNet-56 reconstruct on 2 loaded cores (1,024 images, 4,096
+        positions per layer; ``python scripts/reconstruct_cost.py --profile``)."""
         if not self._pending:
             return
         xs = torch.cat([a for a, _ in self._pending], dim=2)
