@@ -58,6 +58,18 @@ def test_grid_expansion_and_ids_are_stable(tmp_path):
         "the repair list is not part of a run's identity"
 
 
+def test_runs_go_seed_major_across_models(tmp_path):
+    """A study stopped part-way holds whole grids of every model for its first seeds: seed
+    outermost, then model (file order), then allocation, then sparsity."""
+    f = _study(tmp_path, seeds=(0, 1))
+    f.write_text(f.read_text() + f'[[models]]\nmodel = "resnet8"\ndataset = "digits"\n'
+                 f'weights = "{CKPT.as_posix()}"\nseeds = [0, 1]\ncalib = 64\n')
+    runs = [cfg for _, cfg in load_study(f).runs]
+    assert [(c.seed, c.calib, c.allocation, c.sparsity) for c in runs] == [
+        (s, calib, a, sp) for s in (0, 1) for calib in (128, 64) for a in ("erk", "lamp")
+        for sp in (0.8, 0.9)]
+
+
 def test_run_ids_do_not_depend_on_where_the_checkpoint_lies(tmp_path):
     import shutil
 

@@ -38,7 +38,7 @@ from ..run import RunConfig
 class Study:
     name: str
     path: Path
-    runs: list[tuple[str, RunConfig]]        # (run id, config): per model, seed-major
+    runs: list[tuple[str, RunConfig]]        # (run id, config): seed-major, then model
     raw: dict
 
 
@@ -134,8 +134,8 @@ def load_study(path: str | Path) -> Study:
             raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} at "
                              f"{where}; valid keys: {', '.join(valid)}")
     name = raw.get("name", path.stem)
-    runs = []
-    for m in raw["models"]:
+    keyed = []  # ((seed rank, model index), run id, config)
+    for index, m in enumerate(raw["models"]):
         merged = {k: v for k, v in raw.items() if k not in STUDY_KEYS}
         merged.update({k: v for k, v in m.items() if k not in STUDY_KEYS})
         missing = [k for k in (*SWEEP_KEYS, "repairs") if not merged.get(k)]
@@ -147,13 +147,15 @@ def load_study(path: str | Path) -> Study:
             merged["n_eval"] = None
         merged["weights"] = _resolve_weights(merged.get("weights"), path.parent)
         merged.setdefault("pretrained", not merged["weights"])
-        # Seeds outermost: a study stopped part-way (they run for hours and resume across
-        # sessions) holds whole grids for its first seeds, which a partial report can use,
-        # rather than every seed of its first cells only.
-        for seed in axes["seeds"]:
+        # Seeds outermost, across models: a study stopped part-way (they run for hours and
+        # resume across sessions) holds whole grids of every model for its first seeds, which a
+        # partial report can use, rather than every seed of its first model or cells only.
+        for rank, seed in enumerate(axes["seeds"]):
             for alloc in axes["allocations"]:
                 for sp in axes["sparsities"]:
                     cfg = RunConfig.from_dict({**merged, "allocation": alloc,
                                                "sparsity": float(sp), "seed": seed})
-                    runs.append((run_id(cfg), cfg))
+                    keyed.append(((rank, index), run_id(cfg), cfg))
+    keyed.sort(key=lambda t: t[0])  # stable: grid order inside one (seed, model)
+    runs = [(rid, cfg) for _, rid, cfg in keyed]
     return Study(name, path, runs, raw)
