@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from sparse_repair.allocation import LayerCollapseWarning, allocate
@@ -54,7 +56,7 @@ from sparse_repair.weights import load_pretrained
 def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str, seed: int,
             calib: int, scoring: int, n_eval: int, fixed: list[str], criterion: str,
             grid: int = 5, refine: int = 2, anchors: str | tuple[str, str] = "auto",
-            candidates: list[str] | None = None) -> dict:
+            candidates: list[str] | None = None, layer_sweeps: int = 0) -> dict:
     """One regime: returns the JSON record (fixed rows, search choice, every point's scores and
     true top-1 on ``n_eval`` stratified test images)."""
     dense = load_pretrained(model_name)
@@ -65,6 +67,8 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
     fixed_top1 = {}  # candidate name -> true top-1 (anchors="auto")
 
     def observe(point, model):
+        if point.method.startswith("move("):
+            return  # layer-move proposals: only the accepted ones are evaluated, below
         acc = evaluate(model, dataset, n_eval)["top1"]
         if point.t is None:
             fixed_top1[point.method] = acc
@@ -77,7 +81,16 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
     result = search_allocation(dense, sparsity, images, score_images, repair=repair_name,
                                criterion=criterion, keep_model=False, observe=observe,
                                grid=grid, refine=refine, anchors=anchors,
-                               candidates=(candidates if auto else None))
+                               candidates=(candidates if auto else None),
+                               layer_sweeps=layer_sweeps)
+    moves = []  # accepted layer moves, each rebuilt (prune + repair are deterministic)
+    for q in result.moves:
+        model = copy.deepcopy(dense)
+        prune_(model, dataclasses.replace(result.allocation, keep=np.array(q.keep)))
+        repair(model, repair_name, images, dense=dense)
+        moves.append({**q.to_dict(), "top1": evaluate(model, dataset, n_eval)["top1"]})
+        print(f"  {q.method:<32} kl {q.kl:.4f} agree {q.agreement:5.1f} top-1 "
+              f"{moves[-1]['top1']:5.2f}", file=sys.stderr, flush=True)
     # Reused points (same counts as an earlier evaluation) share its model, hence its accuracy.
     evaluated = [(q.keep, fixed_top1[q.method]) for q in result.fixed if not q.reused]
     evaluated += [(q.keep, top1[q.t]) for q in result.points if q.t in top1]
@@ -114,6 +127,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
     best_fixed = max(rows, key=lambda m: rows[m]["top1"])
     by_kl = min(rows, key=lambda m: rows[m]["kl"])
     oracle_t = max(top1, key=lambda t: (top1[t], -t))
+    search_top1 = moves[-1]["top1"] if moves else top1[result.t]
     return {"model": model_name, "dataset": dataset, "sparsity": sparsity,
             "repair": repair_name, "seed": seed, "calib": calib, "scoring": scoring,
             "n_eval": n_eval, "criterion": criterion, "grid": grid, "refine": refine,
@@ -123,8 +137,10 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
             "best_fixed": best_fixed, "best_fixed_top1": rows[best_fixed]["top1"],
             "fixed_by_criterion": by_kl, "fixed_by_criterion_top1": rows[by_kl]["top1"],
             "search_t": result.t, "search_method": result.allocation.method,
-            "search_top1": top1[result.t],
-            "gain_over_best_fixed": top1[result.t] - rows[best_fixed]["top1"],
+            "search_keep": result.allocation.keep.tolist(), "layer_sweeps": layer_sweeps,
+            "family_top1": top1[result.t], "search_top1": search_top1,
+            "gain_over_best_fixed": search_top1 - rows[best_fixed]["top1"],
+            "moves": moves, "proposals": len(result.proposals),
             "family_oracle_t": oracle_t, "family_oracle_top1": top1[oracle_t],
             "points": [{**p.to_dict(), "top1": top1[p.t]} for p in result.points],
             "evaluations": result.evaluations, "search_seconds": result.seconds}
@@ -152,6 +168,11 @@ def confirm(rec: dict, n: int | None) -> dict:
     stored = next(p["keep"] for p in rec["points"] if p["t"] == rec["search_t"])
     if chosen.keep.tolist() != stored:
         raise ValueError("the rebuilt search allocation differs from the record's counts")
+    if rec.get("moves"):  # layer moves from the family point: the record's final counts
+        chosen = dataclasses.replace(chosen, method=rec["search_method"],
+                                     keep=np.array(rec["search_keep"], dtype=np.int64))
+        if chosen.keep_total != best.keep_total:
+            raise ValueError("the record's searched counts do not sum to the budget")
     right = {}
     for name, alloc in (("fixed", best), ("search", chosen)):
         model = copy.deepcopy(dense)
@@ -173,7 +194,7 @@ def confirm(rec: dict, n: int | None) -> dict:
 def table(records: list[dict]) -> str:
     fixed = list(records[0]["fixed"]) if records else []
     head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "anchors",
-            "search t",
+            "search t", "family choice", "layer moves",
             "search", "search - best fixed", "family oracle (t)", "evals", "search s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
@@ -183,7 +204,9 @@ def table(records: list[dict]) -> str:
                  f"{r['fixed_by_criterion_top1']:.2f} ({r['fixed_by_criterion']})",
                  ("auto: " if r.get("anchors_mode") == "auto" else "")
                  + "-".join(r.get("anchors", ["erk", "lamp"])),
-                 f"{r['search_t']:g}", f"{r['search_top1']:.2f}",
+                 f"{r['search_t']:g}", f"{r.get('family_top1', r['search_top1']):.2f}",
+                 f"{len(r.get('moves', []))} of {r.get('proposals', 0)}",
+                 f"{r['search_top1']:.2f}",
                  f"{r['gain_over_best_fixed']:+.2f}",
                  f"{r['family_oracle_top1']:.2f} ({r['family_oracle_t']:g})",
                  str(r["evaluations"]), f"{r['search_seconds']:.0f}"]
@@ -209,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the allocators --anchors auto evaluates first")
     ap.add_argument("--grid", type=int, default=5)
     ap.add_argument("--refine", type=int, default=2)
+    ap.add_argument("--layer-sweeps", type=int, default=0,
+                    help="sweeps of greedy layer moves after the family (search_allocation)")
     ap.add_argument("--out", help="append one JSON line per regime to this file")
     ap.add_argument("--table", help="print the table of a JSON-lines file and exit")
     ap.add_argument("--confirm", help="paired re-evaluation of a JSON-lines file's records")
@@ -243,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                               calib=args.calib, scoring=args.scoring, n_eval=args.n_eval,
                               fixed=args.fixed.split(","), criterion=args.criterion,
                               grid=args.grid, refine=args.refine,
+                              layer_sweeps=args.layer_sweeps,
                               anchors=("auto" if args.anchors == "auto"
                                        else tuple(args.anchors.split(","))),
                               candidates=args.candidates.split(","))

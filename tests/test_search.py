@@ -310,6 +310,78 @@ def test_auto_reads_no_label(auto_searched):
     assert auto_searched[0].evaluations >= len(CANDIDATES)
 
 
+# ----------------------------------------------------------------------------- layer moves
+
+@pytest.fixture(scope="module")
+def moved(setting):
+    """anchors="auto" plus 2 sweeps of layer moves at 0.9, stem conv excluded, every label
+    source refusing; the dense state before it."""
+    dense, calib, scoring = setting
+    before = copy.deepcopy(dense.state_dict())
+    with pytest.MonkeyPatch.context() as mp:
+        _no_labels(mp)
+        result = search_allocation(dense, 0.9, calib, scoring, layer_sweeps=2,
+                                   exclude=[EXCLUDED], **SMALL)
+    return result, before
+
+
+EXCLUDED = "conv1"
+
+
+def test_layer_moves_keep_the_allocation_exact_and_excluded_layers_dense(moved, setting):
+    result = moved[0]
+    alloc = result.allocation
+    i = alloc.names.index(EXCLUDED)
+    assert alloc.keep_total == _target_keep(alloc, 0.9)
+    for p in [*result.proposals, *result.moves]:
+        keep = np.array(p.keep)
+        assert keep.sum() == alloc.keep_total and (keep >= 0).all()
+        assert (keep <= alloc.sizes).all() and keep[i] == alloc.sizes[i]
+    assert alloc.keep.tolist() == result.best.keep
+
+
+def test_layer_moves_only_accept_strict_improvements_by_the_criterion(moved):
+    """Each accepted move is the best proposal of its sweep and strictly lowers KL (or ties KL
+    and raises agreement) from the point before it, starting at the family's choice; so the
+    choice is never worse by the criterion than the family's or any candidate's."""
+    result = moved[0]
+    family = min(result.points, key=_kl_rank)
+    chain = [family, *result.moves]
+    assert all(_kl_rank(b) < _kl_rank(a) for a, b in zip(chain, chain[1:]))
+    assert _kl_rank(result.best) <= min(map(_kl_rank, [*result.fixed, *result.points]))
+    assert all(_kl_rank(result.best) <= _kl_rank(p) for p in result.proposals)
+    assert result.t == family.t
+    assert result.moves, "no move accepted in this setting: the checks above prove nothing"
+    n = len(result.moves)
+    assert result.allocation.method.endswith(f"+{n} layer move{'s' * (n != 1)}")
+    free = len(result.allocation.names) - 1
+    assert len(result.proposals) <= 2 * 2 * free
+
+
+def test_layer_moves_return_the_choice_model_and_leave_the_dense_model(moved, setting):
+    dense, _, scoring = setting
+    result, before = moved
+    s = label_free_scores(predict_logits(result.model, scoring), predict_logits(dense, scoring))
+    assert s == {"agreement": result.best.agreement, "kl": result.best.kl}
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+
+
+def test_layer_moves_are_deterministic_and_off_by_default(moved, setting, auto_searched):
+    dense, calib, scoring = setting
+    again = search_allocation(dense, 0.9, calib, scoring, layer_sweeps=2, exclude=[EXCLUDED],
+                              keep_model=False, **SMALL)
+    first = moved[0]
+    assert [(p.method, p.keep, p.kl) for p in again.proposals] == \
+        [(p.method, p.keep, p.kl) for p in first.proposals]
+    assert np.array_equal(again.allocation.keep, first.allocation.keep)
+    assert auto_searched[0].moves == [] and auto_searched[0].proposals == []
+
+
+def test_layer_moves_read_no_label(moved):
+    """The fixture ran the moves with every label source raising."""
+    assert moved[0].proposals, "no layer move was evaluated: the test would prove nothing"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.fixture
@@ -336,6 +408,11 @@ def no_work(monkeypatch):
     ({"anchors": PAIR, "candidates": CANDIDATES}, ValueError, "pass candidates=None"),
     ({"criterion": "accuracy"}, ValueError, "unknown criterion 'accuracy'"),
     ({"grid": 1}, ValueError, "grid must be an int >= 2"),
+    ({"layer_sweeps": -1}, ValueError, "layer_sweeps must be an int >= 0"),
+    ({"layer_sweeps": 1.5}, ValueError, "layer_sweeps must be an int >= 0"),
+    ({"move_factor": 1.0}, ValueError, "move_factor must be a finite number > 1"),
+    ({"move_factor": float("nan")}, ValueError, "move_factor must be a finite number > 1"),
+    ({"move_factor": True}, ValueError, "move_factor must be a finite number > 1"),
     ({"calibration": torch.zeros(0, 3, 8, 8)}, ValueError, "empty"),
     ({"scoring": torch.zeros(0, 3, 8, 8)}, ValueError, "scoring images: .*empty"),
     ({"scoring": "overlap"}, ValueError, "also calibration images.*scoring_set"),

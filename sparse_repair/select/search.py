@@ -58,6 +58,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -121,7 +122,10 @@ class SearchResult:
     evaluation order; ``fixed`` the candidate fixed allocations evaluated before the family, in
     ``candidates`` order (``anchors="auto"``; empty for a given pair); ``evaluations`` the
     repairs run (reused points excluded, candidates included); ``seconds`` the whole search;
-    ``model`` the pruned and repaired model at the choice (None when ``keep_model=False``)."""
+    ``model`` the pruned and repaired model at the choice (None when ``keep_model=False``);
+    ``moves`` the accepted layer moves in order (``layer_sweeps``; the last one is the choice,
+    ``t`` stays the family point they started from), ``proposals`` every move evaluated (method
+    ``"move(<layer>,x<factor>)"``, ``t`` None)."""
 
     allocation: Allocation
     t: float
@@ -134,10 +138,13 @@ class SearchResult:
     seconds: float
     model: nn.Module | None = field(default=None, repr=False)
     fixed: list[SearchPoint] = field(default_factory=list)
+    moves: list[SearchPoint] = field(default_factory=list)
+    proposals: list[SearchPoint] = field(default_factory=list)
 
     @property
     def best(self) -> SearchPoint:
-        return next(p for p in self.points if p.t == self.t)
+        """The chosen point: the last accepted layer move, else the family point at ``t``."""
+        return self.moves[-1] if self.moves else next(p for p in self.points if p.t == self.t)
 
     def to_dict(self) -> dict:
         """JSON-ready: everything but the model; the allocation as ``Allocation.to_dict``."""
@@ -146,6 +153,8 @@ class SearchResult:
                 "evaluations": self.evaluations, "seconds": self.seconds,
                 "points": [p.to_dict() for p in self.points],
                 "fixed": [p.to_dict() for p in self.fixed],
+                "moves": [p.to_dict() for p in self.moves],
+                "proposals": [p.to_dict() for p in self.proposals],
                 "allocation": self.allocation.to_dict()}
 
 
@@ -193,7 +202,7 @@ def _check_anchors(anchors, candidates) -> tuple[str, ...]:
 
 
 def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_options, criterion,
-                  anchors, candidates, grid, refine):
+                  anchors, candidates, grid, refine, layer_sweeps=0, move_factor=2.0):
     """Every input check, before any work; returns (calibration, scoring, resolved options)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -203,9 +212,14 @@ def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_opt
                          f"{', '.join(REPAIRS)}")
     impl = REPAIRS[repair_name]
     opts = impl.resolve(**dict(repair_options or {}))  # TypeError names the valid options
-    for name, value, least in (("grid", grid, 2), ("refine", refine, 0)):
+    for name, value, least in (("grid", grid, 2), ("refine", refine, 0),
+                               ("layer_sweeps", layer_sweeps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if isinstance(move_factor, bool) or not isinstance(move_factor, int | float) or not (
+            math.isfinite(move_factor) and move_factor > 1.0):
+        raise ValueError(f"move_factor must be a finite number > 1 (a layer's density is "
+                         f"multiplied and divided by it), got {move_factor!r}")
     check_sparsity(sparsity)
     check_model(dense, "dense")
     if impl.needs_bn and not batchnorms(dense):
@@ -234,6 +248,7 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
                       anchors: str | Sequence[str] = "auto",
                       candidates: Sequence[str] | None = None, exclude: Sequence[str] = (),
                       min_keep: int = 0, grid: int = 5, refine: int = 2,
+                      layer_sweeps: int = 0, move_factor: float = 2.0,
                       keep_model: bool = True, chunk_size: int = 256,
                       observe: Callable[[SearchPoint, nn.Module], None] | None = None,
                       progress: bool = False) -> SearchResult:
@@ -262,7 +277,16 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
             ``min_keep`` is also the floor of every interior point.
         grid, refine: grid points (>= 2) and refinement rounds (>= 0); at most
             grid + 2 * refine family evaluations (with "auto", plus len(candidates), less the
-            family's two ends, which are candidates already evaluated).
+            family's two ends, which are candidates already evaluated), plus at most
+            ``layer_sweeps * 2 * free layers`` for the layer moves.
+        layer_sweeps: after the family, this many sweeps of greedy layer moves (default 0:
+            off; docs/search.md "Layer moves"): each sweep multiplies and divides one free
+            layer's density at a time by the current factor (the others rescaled to the exact
+            budget), evaluates all ``2 x free layers`` proposals and accepts the best one when
+            it is strictly better by the criterion than the current choice; a sweep without
+            one takes the square root of the factor. Never worse by the criterion than the
+            family's choice.
+        move_factor: the first sweep's factor (> 1, default 2).
         keep_model: return the repaired model at the choice as ``result.model``.
         chunk_size: the repair's chunk size (images per forward).
         observe: called as observe(point, model) after each new evaluation (candidates
@@ -277,7 +301,8 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     Raises (before any pruning or repair): ValueError for an unknown criterion, anchor,
         candidate or repair, anchors neither "auto" nor two different allocators, fewer than
         two different candidates or candidates given with a pair of anchors, a sparsity outside
-        [0, 1) (TypeError for a non-number), grid < 2 or refine < 0, a dense model that
+        [0, 1) (TypeError for a non-number), grid < 2, refine < 0, layer_sweeps < 0 or
+        move_factor not a finite number > 1, a dense model that
         ``repair.check_model`` refuses or without BatchNorm for a BN repair, empty or non-4-D
         images, calibration and scoring images of different [C, H, W], or a scoring image
         bit-for-bit equal to a calibration image; TypeError for images given as a tuple or list
@@ -292,7 +317,7 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     start = time.perf_counter()
     calib, score, opts = _check_inputs(dense, sparsity, calibration, scoring, repair,
                                        repair_options, criterion, anchors, candidates, grid,
-                                       refine)
+                                       refine, layer_sweeps, move_factor)
     auto = isinstance(anchors, str)
     names = _check_anchors(anchors, candidates)
     options = dataclasses.asdict(opts)
@@ -308,6 +333,8 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
                   for n in names}
     dense_logits = predict_logits(dense, score)
     max_evals = (len(names) + grid + 2 * refine - 2) if auto else grid + 2 * refine
+    free = np.array([n not in allocs[names[0]].excluded for n in allocs[names[0]].names])
+    max_evals += layer_sweeps * 2 * int(free.sum())
     label = "auto " + ",".join(names) if auto else f"{names[0]}->{names[1]}"
     bar = progress_bar(max_evals, f"search {label} {repair}", enabled=progress, unit="eval")
     by_keep: dict[bytes, SearchPoint] = {}
@@ -374,13 +401,16 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
             if 0.0 <= t <= 1.0:
                 visit(t)
         step /= 2
+    family = min(points.values(), key=lambda p: _rank(p, criterion))
+    moves, proposals = _layer_moves(a, family, free, layer_sweeps, move_factor, criterion,
+                                    evaluate_at)
     bar.close()
-    chosen = min(points.values(), key=lambda p: _rank(p, criterion))
-    alloc = _allocation(a, np.array(chosen.keep, dtype=np.int64), pair, chosen.t)
+    chosen = moves[-1] if moves else family
+    alloc = _allocation(a, np.array(chosen.keep, dtype=np.int64), pair, family.t, len(moves))
     model = best[2] if keep_model and best[0].keep == chosen.keep else None
     if keep_model and model is None:
-        # Only on an exact tie of both scores between a candidate and a family point with
-        # other counts: rebuild the choice (prune + repair are deterministic).
+        # Only on an exact tie of both scores between two evaluated points with other counts:
+        # rebuild the choice (prune + repair are deterministic).
         model = copy.deepcopy(dense)
         prune_(model, alloc)
         run_repair(model, repair, calib, dense=dense, chunk_size=chunk_size,
@@ -388,17 +418,61 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         evaluations += 1
     if alloc.collapsed:
         warnings.warn(LayerCollapseWarning(
-            f"the searched allocation (t={chosen.t:g}) keeps 0 weights in "
+            f"the searched allocation ({alloc.method}) keeps 0 weights in "
             f"{len(alloc.collapsed)} layer(s): {', '.join(alloc.collapsed)}; pass min_keep=1 "
             "(or more) to keep weights in every layer"), stacklevel=2)
-    return SearchResult(alloc, chosen.t, criterion, pair, repair, options,
+    return SearchResult(alloc, family.t, criterion, pair, repair, options,
                         list(points.values()), evaluations, time.perf_counter() - start, model,
-                        fixed)
+                        fixed, moves, proposals)
 
 
-def _allocation(like: Allocation, keep: np.ndarray, anchors: tuple[str, str], t: float
-                ) -> Allocation:
-    return Allocation(f"search({anchors[0]},{anchors[1]},t={t:g})", like.sparsity,
+def _layer_moves(like: Allocation, start: SearchPoint, free: np.ndarray, sweeps: int,
+                 factor: float, criterion: str,
+                 evaluate_at: Callable[..., SearchPoint]
+                 ) -> tuple[list[SearchPoint], list[SearchPoint]]:
+    """Greedy best-improvement moves from ``start`` (``search_allocation``'s ``layer_sweeps``):
+    returns (accepted moves in order, every proposal evaluated). A proposal multiplies one free
+    layer's density by ``factor`` or ``1 / factor`` (capped at 1) and rescales all free layers
+    to the exact budget with ``densities_to_keep`` (floors ``min(min_keep, size)``); proposals
+    whose counts equal the current ones are skipped. Ties keep the current point: a move must
+    be strictly better by the criterion (then the other criterion)."""
+    sizes = like.sizes[free]
+    budget = int(like.keep_total - like.sizes[~free].sum())
+    floor = np.minimum(like.min_keep, sizes)
+    names = [n for n, f in zip(like.names, free) if f]
+    current, moves, proposals = start, [], []
+    for _ in range(sweeps):
+        keep = np.array(current.keep, dtype=np.int64)
+        dens = keep[free] / sizes
+        tried = []
+        for j, name in enumerate(names):
+            for f in (factor, 1.0 / factor):
+                d = dens.copy()
+                d[j] = min(d[j] * f, 1.0)
+                if d[j] == dens[j]:
+                    continue  # at density 1 going up, or empty
+                new = keep.copy()
+                new[free] = densities_to_keep(d, sizes, budget, floor)
+                if np.array_equal(new, keep):
+                    continue
+                alloc = dataclasses.replace(like, keep=new)
+                point = evaluate_at(alloc, None, f"move({name},x{f:.4g})",
+                                    rank_tie=2.0 + len(proposals))
+                proposals.append(point)
+                tried.append(point)
+        best = min(tried, key=lambda p: _rank(p, criterion, 0.0), default=None)
+        if best is not None and _rank(best, criterion, 0.0) < _rank(current, criterion, 0.0):
+            current = best
+            moves.append(best)
+        else:
+            factor = math.sqrt(factor)
+    return moves, proposals
+
+
+def _allocation(like: Allocation, keep: np.ndarray, anchors: tuple[str, str], t: float,
+                moves: int = 0) -> Allocation:
+    suffix = f"+{moves} layer move{'s' * (moves != 1)}" if moves else ""
+    return Allocation(f"search({anchors[0]},{anchors[1]},t={t:g}){suffix}", like.sparsity,
                       list(like.names), list(like.shapes), like.sizes.copy(),
                       keep.astype(np.int64), tuple(like.excluded), like.min_keep,
                       dict(like.aliases))
