@@ -51,6 +51,18 @@ already evaluated point's reuse its scores (not counted as evaluations). The cri
 "kl" (default), the lowest mean KL(p_dense || p_pruned) over the scoring images; "agreement",
 the highest top-1 agreement with the dense model. Ties go to the other criterion, then the
 lower t. Labels are never read: the inputs are image tensors only.
+
+Layer moves (``layer_sweeps``, default 0: off). The family is one-dimensional, and its best
+point by true top-1 was at most 1.35 pt above the best fixed allocation in the first
+measurements (docs/search.md section 3), so a search confined to it cannot gain much more.
+After the family, ``layer_sweeps`` sweeps of greedy best-improvement moves free every layer's
+budget: a proposal multiplies one free layer's density by the factor f or 1/f (capped at 1; the
+others rescaled by ``densities_to_keep`` to the exact budget), each sweep evaluates every such
+proposal (``2 x free layers`` repairs) and accepts the best when it is strictly better by the
+criterion than the current point; a sweep without one sets f to sqrt(f). Scoring a whole
+neighbourhood of per-layer changes by KL to the dense model after compression is the approach
+of EvoPress (Sieberling et al., ICML 2025: a (1 + lambda) evolutionary search over per-layer levels
+with KL fitness); this is its deterministic greedy form, one move per sweep.
 """
 
 from __future__ import annotations
