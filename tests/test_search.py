@@ -11,6 +11,7 @@ and 100 scoring images, grid 3 + 1 refinement round (at most 5 repairs per searc
 from __future__ import annotations
 
 import copy
+import signal
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -377,6 +378,45 @@ def test_layer_moves_are_deterministic_and_off_by_default(moved, setting, auto_s
     assert auto_searched[0].moves == [] and auto_searched[0].proposals == []
 
 
+def test_layer_move_numbers_may_be_any_integer_and_real_type(moved, setting):
+    """numpy integers count as ints and numpy floats (float32 included) or Fractions as
+    numbers, as for sparsity and min_keep: the same search as with Python's int and float."""
+    from fractions import Fraction
+
+    dense, calib, scoring = setting
+    first = moved[0]
+    for sweeps, factor in ((np.int64(2), np.float32(2.0)), (np.int8(2), Fraction(2))):
+        again = search_allocation(dense, 0.9, calib, scoring, layer_sweeps=sweeps,
+                                  move_factor=factor, exclude=[EXCLUDED], keep_model=False,
+                                  grid=np.int64(SMALL["grid"]), refine=np.int32(SMALL["refine"]))
+        assert [(p.method, p.keep, p.kl) for p in again.proposals] == \
+            [(p.method, p.keep, p.kl) for p in first.proposals]
+        assert np.array_equal(again.allocation.keep, first.allocation.keep)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM (POSIX)")
+def test_a_huge_layer_sweeps_stops_when_nothing_can_move(setting):
+    """layer_sweeps is an upper bound: once the factor's square roots reach 1.0 in float no
+    proposal is left, and the search returns rather than run the remaining sweeps empty
+    (10**18 of them would take years; an alarm fails the test instead of hanging it). At
+    sparsity 0 every layer is dense, so every proposal is skipped."""
+    dense, calib, scoring = setting
+
+    def too_long(*_):
+        raise AssertionError("the sweeps go on after nothing can move")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 60.0)  # the search takes well under a second
+    try:
+        r = search_allocation(dense, 0.0, calib, scoring, layer_sweeps=10**18,
+                              keep_model=False, grid=2, refine=0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, previous)
+    assert r.proposals == [] and r.moves == []
+    assert np.array_equal(r.allocation.keep, r.allocation.sizes)
+
+
 def test_layer_moves_read_no_label(moved):
     """The fixture ran the moves with every label source raising."""
     assert moved[0].proposals, "no layer move was evaluated: the test would prove nothing"
@@ -413,6 +453,9 @@ def no_work(monkeypatch):
     ({"move_factor": 1.0}, ValueError, "move_factor must be a finite number > 1"),
     ({"move_factor": float("nan")}, ValueError, "move_factor must be a finite number > 1"),
     ({"move_factor": True}, ValueError, "move_factor must be a finite number > 1"),
+    ({"move_factor": "2"}, ValueError, "move_factor must be a finite number > 1"),
+    ({"move_factor": 10**400}, ValueError, "move_factor must be a finite number > 1"),
+    ({"layer_sweeps": True}, ValueError, "layer_sweeps must be an int >= 0"),
     ({"calibration": torch.zeros(0, 3, 8, 8)}, ValueError, "empty"),
     ({"scoring": torch.zeros(0, 3, 8, 8)}, ValueError, "scoring images: .*empty"),
     ({"scoring": "overlap"}, ValueError, "also calibration images.*scoring_set"),

@@ -71,10 +71,12 @@ import copy
 import dataclasses
 import hashlib
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import numpy as np
 import torch
@@ -224,14 +226,7 @@ def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_opt
                          f"{', '.join(REPAIRS)}")
     impl = REPAIRS[repair_name]
     opts = impl.resolve(**dict(repair_options or {}))  # TypeError names the valid options
-    for name, value, least in (("grid", grid, 2), ("refine", refine, 0),
-                               ("layer_sweeps", layer_sweeps, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if isinstance(move_factor, bool) or not isinstance(move_factor, int | float) or not (
-            math.isfinite(move_factor) and move_factor > 1.0):
-        raise ValueError(f"move_factor must be a finite number > 1 (a layer's density is "
-                         f"multiplied and divided by it), got {move_factor!r}")
+    counts = _check_search_numbers(grid, refine, layer_sweeps, move_factor)
     check_sparsity(sparsity)
     check_model(dense, "dense")
     if impl.needs_bn and not batchnorms(dense):
@@ -251,7 +246,29 @@ def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_opt
                          "fitted to an image scores well on it, so the score would be biased. "
                          "Draw them with sparse_repair.data.scoring_set(dataset, n, seed, "
                          "calib=<calibration size>), disjoint by construction")
-    return calib, score, opts
+    return calib, score, opts, counts
+
+
+def _check_search_numbers(grid, refine, layer_sweeps, move_factor) -> tuple[int, int, int, float]:
+    """(grid, refine, layer_sweeps) as ints and move_factor as a float, or ValueError. Any
+    integer type counts as an int (numpy's included, bool not), any real number as a number
+    (numpy's, Fraction, Decimal); a factor whose float is not finite and above 1 is refused."""
+    ints = []
+    for name, value, least in (("grid", grid, 2), ("refine", refine, 0),
+                               ("layer_sweeps", layer_sweeps, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        ints.append(int(value))
+    factor = math.nan
+    if not isinstance(move_factor, bool) and isinstance(move_factor, numbers.Real | Decimal):
+        try:
+            factor = float(move_factor)
+        except (OverflowError, ValueError):  # beyond float range, or Decimal("sNaN")
+            factor = math.nan
+    if not (math.isfinite(factor) and factor > 1.0):
+        raise ValueError(f"move_factor must be a finite number > 1 (a layer's density is "
+                         f"multiplied and divided by it, as a float), got {move_factor!r}")
+    return ints[0], ints[1], ints[2], factor
 
 
 def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tensor,
@@ -297,12 +314,15 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
             budget), evaluates all ``2 x free layers`` proposals and accepts the best one when
             it is strictly better by the criterion than the current choice; a sweep without
             one takes the square root of the factor. Never worse by the criterion than the
-            family's choice.
-        move_factor: the first sweep's factor (> 1, default 2).
+            family's choice. The sweeps stop early once the factor's square roots reach 1.0 in
+            float (no proposal is left), so a huge value means "until nothing moves".
+        move_factor: the first sweep's factor (> 1, default 2; any real number type, finite
+            and above 1 as a float).
         keep_model: return the repaired model at the choice as ``result.model``.
         chunk_size: the repair's chunk size (images per forward).
         observe: called as observe(point, model) after each new evaluation (candidates
-            included, ``point.t`` None for them) with the pruned and repaired model (for
+            and layer-move proposals included, ``point.t`` None for them; a proposal's
+            ``method`` starts with "move(") with the pruned and repaired model (for
             reporting only, e.g. a labeled accuracy in a measurement script; it must not modify
             the model, which may become ``result.model``).
         progress: a progress bar with ETA on stderr.
@@ -313,8 +333,9 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     Raises (before any pruning or repair): ValueError for an unknown criterion, anchor,
         candidate or repair, anchors neither "auto" nor two different allocators, fewer than
         two different candidates or candidates given with a pair of anchors, a sparsity outside
-        [0, 1) (TypeError for a non-number), grid < 2, refine < 0, layer_sweeps < 0 or
-        move_factor not a finite number > 1, a dense model that
+        [0, 1) (TypeError for a non-number), grid, refine or layer_sweeps not an int (any
+        integer type, bool refused) or below 2, 0, 0, move_factor not a real number that is
+        finite and > 1 as a float, a dense model that
         ``repair.check_model`` refuses or without BatchNorm for a BN repair, empty or non-4-D
         images, calibration and scoring images of different [C, H, W], or a scoring image
         bit-for-bit equal to a calibration image; TypeError for images given as a tuple or list
@@ -327,9 +348,10 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         LayerCollapseWarning when the chosen allocation leaves a layer with zero weights.
     """
     start = time.perf_counter()
-    calib, score, opts = _check_inputs(dense, sparsity, calibration, scoring, repair,
-                                       repair_options, criterion, anchors, candidates, grid,
-                                       refine, layer_sweeps, move_factor)
+    calib, score, opts, counts = _check_inputs(dense, sparsity, calibration, scoring, repair,
+                                               repair_options, criterion, anchors, candidates,
+                                               grid, refine, layer_sweeps, move_factor)
+    grid, refine, layer_sweeps, move_factor = counts
     auto = isinstance(anchors, str)
     names = _check_anchors(anchors, candidates)
     options = dataclasses.asdict(opts)
@@ -454,6 +476,11 @@ def _layer_moves(like: Allocation, start: SearchPoint, free: np.ndarray, sweeps:
     names = [n for n, f in zip(like.names, free) if f]
     current, moves, proposals = start, [], []
     for _ in range(sweeps):
+        if factor == 1.0:
+            # sqrt has converged to 1 in float: d * 1 == d, so no proposal is left in any later
+            # sweep; stopping here returns what running them all would (a huge
+            # ``layer_sweeps`` means "until nothing moves", not hours of empty sweeps).
+            break
         keep = np.array(current.keep, dtype=np.int64)
         dens = keep[free] / sizes
         tried = []
