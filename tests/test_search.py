@@ -11,6 +11,7 @@ and 100 scoring images, grid 3 + 1 refinement round (at most 5 repairs per searc
 from __future__ import annotations
 
 import copy
+import json
 import signal
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -415,6 +416,15 @@ def test_a_huge_layer_sweeps_stops_when_nothing_can_move(setting):
         signal.signal(signal.SIGALRM, previous)
     assert r.proposals == [] and r.moves == []
     assert np.array_equal(r.allocation.keep, r.allocation.sizes)
+
+
+def test_a_saved_result_says_how_it_was_produced(moved):
+    d = json.loads(json.dumps(moved[0].to_dict()))
+    assert d["settings"] == {"sparsity": 0.9, "candidates": list(CANDIDATES),
+                             "exclude": [EXCLUDED], "min_keep": 0, **SMALL, "layer_sweeps": 2,
+                             "move_factor": 2.0}
+    assert [m["keep"] for m in d["moves"]] == [m.keep for m in moved[0].moves]
+    assert [ly["keep"] for ly in d["allocation"]["layers"]] == moved[0].allocation.keep.tolist()
 
 
 def test_layer_moves_read_no_label(moved):

@@ -130,7 +130,8 @@ class SearchResult:
     """What ``search_allocation`` returns.
 
     ``allocation``: the chosen exact-count Allocation (the type ``allocate`` returns; ``method``
-    reads ``search(A,B,t=...)``); ``t`` its parameter; ``criterion`` the one it was chosen by;
+    reads ``search(A,B,t=...)``, with ``+1 layer move`` / ``+N layer moves`` after moves);
+    ``t`` the family's parameter; ``criterion`` the one it was chosen by;
     ``anchors`` (A, B) as searched (with "auto", the two best candidates by the criterion);
     ``repair`` and ``repair_options`` as run; ``points`` every evaluated point of the family in
     evaluation order; ``fixed`` the candidate fixed allocations evaluated before the family, in
@@ -139,7 +140,9 @@ class SearchResult:
     ``model`` the pruned and repaired model at the choice (None when ``keep_model=False``);
     ``moves`` the accepted layer moves in order (``layer_sweeps``; the last one is the choice,
     ``t`` stays the family point they started from), ``proposals`` every move evaluated (method
-    ``"move(<layer>,x<factor>)"``, ``t`` None)."""
+    ``"move(<layer>,x<factor>)"``, ``t`` None); ``settings`` the search's other inputs as run
+    (sparsity, candidates, exclude, min_keep, grid, refine, layer_sweeps, move_factor), so a
+    saved ``to_dict()`` says how it was produced."""
 
     allocation: Allocation
     t: float
@@ -154,6 +157,7 @@ class SearchResult:
     fixed: list[SearchPoint] = field(default_factory=list)
     moves: list[SearchPoint] = field(default_factory=list)
     proposals: list[SearchPoint] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
     @property
     def best(self) -> SearchPoint:
@@ -162,7 +166,8 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         """JSON-ready: everything but the model; the allocation as ``Allocation.to_dict``."""
-        return {"t": self.t, "criterion": self.criterion, "anchors": list(self.anchors),
+        return {"settings": self.settings,
+                "t": self.t, "criterion": self.criterion, "anchors": list(self.anchors),
                 "repair": self.repair, "repair_options": self.repair_options,
                 "evaluations": self.evaluations, "seconds": self.seconds,
                 "points": [p.to_dict() for p in self.points],
@@ -282,8 +287,9 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
                       observe: Callable[[SearchPoint, nn.Module], None] | None = None,
                       progress: bool = False) -> SearchResult:
     """The allocation that the label-free criterion prefers after the given repair, among the
-    candidate fixed allocations and the geometric family between the two best of them (module
-    docstring; docs/search.md).
+    candidate fixed allocations and the geometric family between the two best of them, then
+    optionally improved by greedy layer moves (``layer_sweeps``; module docstring;
+    docs/search.md).
 
     Args:
         dense: the unpruned model (any device; never modified: every point prunes a copy).
@@ -327,9 +333,10 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
             the model, which may become ``result.model``).
         progress: a progress bar with ETA on stderr.
     Returns:
-        SearchResult; ``allocation.keep`` sums exactly to N - round(S * N) with every layer
-        within [min(min_keep, size), size] (excluded layers dense). With "auto" the chosen
-        point is never worse by the criterion than any candidate in ``result.fixed``.
+        SearchResult; ``allocation.keep`` sums exactly to N - round_half_up(S * N)
+        (docs/allocation.md) with every layer within [min(min_keep, size), size] (excluded
+        layers dense). With "auto" the chosen point is never worse by the criterion than any
+        candidate in ``result.fixed``.
     Raises (before any pruning or repair): ValueError for an unknown criterion, anchor,
         candidate or repair, anchors neither "auto" nor two different allocators, fewer than
         two different candidates or candidates given with a pair of anchors, a sparsity outside
@@ -455,9 +462,12 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
             f"the searched allocation ({alloc.method}) keeps 0 weights in "
             f"{len(alloc.collapsed)} layer(s): {', '.join(alloc.collapsed)}; pass min_keep=1 "
             "(or more) to keep weights in every layer"), stacklevel=2)
+    settings = {"sparsity": float(sparsity), "candidates": list(names) if auto else None,
+                "exclude": list(exclude), "min_keep": int(min_keep), "grid": grid,
+                "refine": refine, "layer_sweeps": layer_sweeps, "move_factor": move_factor}
     return SearchResult(alloc, family.t, criterion, pair, repair, options,
                         list(points.values()), evaluations, time.perf_counter() - start, model,
-                        fixed, moves, proposals)
+                        fixed, moves, proposals, settings)
 
 
 def _layer_moves(like: Allocation, start: SearchPoint, free: np.ndarray, sweeps: int,
