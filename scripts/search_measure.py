@@ -56,7 +56,8 @@ from sparse_repair.weights import load_pretrained
 def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str, seed: int,
             calib: int, scoring: int, n_eval: int, fixed: list[str], criterion: str,
             grid: int = 5, refine: int = 2, anchors: str | tuple[str, str] = "auto",
-            candidates: list[str] | None = None, layer_sweeps: int = 0) -> dict:
+            candidates: list[str] | None = None, layer_sweeps: int = 0,
+            move_factor: float = 2.0) -> dict:
     """One regime: returns the JSON record (fixed rows, search choice, every point's scores and
     true top-1 on ``n_eval`` stratified test images)."""
     dense = load_pretrained(model_name)
@@ -82,7 +83,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
                                criterion=criterion, keep_model=False, observe=observe,
                                grid=grid, refine=refine, anchors=anchors,
                                candidates=(candidates if auto else None),
-                               layer_sweeps=layer_sweeps)
+                               layer_sweeps=layer_sweeps, move_factor=move_factor)
     moves = []  # accepted layer moves, each rebuilt (prune + repair are deterministic)
     for q in result.moves:
         model = copy.deepcopy(dense)
@@ -138,6 +139,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
             "fixed_by_criterion": by_kl, "fixed_by_criterion_top1": rows[by_kl]["top1"],
             "search_t": result.t, "search_method": result.allocation.method,
             "search_keep": result.allocation.keep.tolist(), "layer_sweeps": layer_sweeps,
+            "move_factor": move_factor,
             "family_top1": top1[result.t], "search_top1": search_top1,
             "gain_over_best_fixed": search_top1 - rows[best_fixed]["top1"],
             "moves": moves, "proposals": len(result.proposals),
@@ -233,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=int, default=5)
     ap.add_argument("--refine", type=int, default=2)
     ap.add_argument("--layer-sweeps", type=int, default=0,
-                    help="sweeps of greedy layer moves after the family (search_allocation)")
+                    help="sweeps of greedy layer moves after the family (search_allocation; "
+                         "default 0: off)")
+    ap.add_argument("--move-factor", type=float, default=2.0,
+                    help="the first sweep's density factor of a layer move (default 2)")
     ap.add_argument("--out", help="append one JSON line per regime to this file")
     ap.add_argument("--table", help="print the table of a JSON-lines file and exit")
     ap.add_argument("--confirm", help="paired re-evaluation of a JSON-lines file's records")
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                               calib=args.calib, scoring=args.scoring, n_eval=args.n_eval,
                               fixed=args.fixed.split(","), criterion=args.criterion,
                               grid=args.grid, refine=args.refine,
-                              layer_sweeps=args.layer_sweeps,
+                              layer_sweeps=args.layer_sweeps, move_factor=args.move_factor,
                               anchors=("auto" if args.anchors == "auto"
                                        else tuple(args.anchors.split(","))),
                               candidates=args.candidates.split(","))
