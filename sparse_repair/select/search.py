@@ -377,7 +377,9 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     free = np.array([n not in allocs[names[0]].excluded for n in allocs[names[0]].names])
     max_evals += layer_sweeps * 2 * int(free.sum())
     label = "auto " + ",".join(names) if auto else f"{names[0]}->{names[1]}"
-    bar = progress_bar(max_evals, f"search {label} {repair}", enabled=progress, unit="eval")
+    desc = f"search {label} {repair}"
+    bar = progress_bar(max_evals, f"{desc}: candidates" if auto else f"{desc}: family",
+                       enabled=progress, unit="eval")
     by_keep: dict[bytes, SearchPoint] = {}
     best: list = [None, None, None]  # [SearchPoint, rank, model]
     evaluations = 0
@@ -420,6 +422,7 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         pair = (names[0], names[1])
     a, b = allocs[pair[0]], allocs[pair[1]]
     points: dict[float, SearchPoint] = {}
+    bar.set_description(f"{desc}: family {pair[0]}-{pair[1]}")
 
     def visit(t: float) -> None:
         if t not in points:
@@ -443,8 +446,14 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
                 visit(t)
         step /= 2
     family = min(points.values(), key=lambda p: _rank(p, criterion))
+    if layer_sweeps:
+        bar.set_description(f"{desc}: layer moves")
     moves, proposals = _layer_moves(a, family, free, layer_sweeps, move_factor, criterion,
                                     evaluate_at)
+    # The total was an upper bound (reused points, refinement steps outside [0, 1], moves that
+    # stopped early): end the bar at what was done, not below 100%.
+    bar.total = bar.n
+    bar.refresh()
     bar.close()
     chosen = moves[-1] if moves else family
     alloc = _allocation(a, np.array(chosen.keep, dtype=np.int64), pair, family.t, len(moves))
