@@ -471,10 +471,15 @@ def no_work(monkeypatch):
     ({"scoring": "overlap"}, ValueError, "also calibration images.*scoring_set"),
     ({"scoring": torch.zeros(4, 3, 16, 16)}, ValueError, "draw both from one data set"),
     ({"calibration": "labeled"}, TypeError, "label-free"),
+    ({"calibration": "huge"}, ValueError, "calibration images overflow the model's dtype"),
+    ({"scoring": "huge"}, ValueError, "scoring images overflow the model's dtype"),
 ])
 def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, match):
     dense, calib, scoring = setting
     kw = {"sparsity": 0.9, "calibration": calib, "scoring": scoring, **change}
+    for key, images in (("calibration", calib), ("scoring", scoring)):
+        if kw[key] == "huge":  # finite in float64, Inf in the model's float32
+            kw[key] = images.double() * 1e300
     if isinstance(kw["scoring"], str):  # "overlap": one calibration image among them
         kw["scoring"] = torch.cat([scoring[:5], calib[3:4]])
     if isinstance(kw["calibration"], str):  # "labeled": what a labeled loader yields
@@ -482,6 +487,13 @@ def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, m
     with pytest.raises(error, match=match):
         search_allocation(dense, kw.pop("sparsity"), kw.pop("calibration"), kw.pop("scoring"),
                           **kw)
+
+
+def test_bfloat16_images_are_searched(setting):
+    dense, calib, scoring = setting
+    r = search_allocation(dense, 0.9, calib.bfloat16(), scoring.bfloat16(), keep_model=False,
+                          grid=2, refine=0)
+    assert r.allocation.keep_total == _target_keep(r.allocation, 0.9)
 
 
 def test_the_label_guard_itself_fires(setting, monkeypatch):

@@ -187,7 +187,8 @@ def _rank(point: SearchPoint, criterion: str, tie: float | None = None) -> tuple
 
 
 def _digests(x: torch.Tensor) -> set[bytes]:
-    return {hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
+    # the raw bytes, viewed as uint8: numpy has no bfloat16
+    return {hashlib.blake2b(img.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
             for img in x.detach().cpu().contiguous()}
 
 
@@ -366,6 +367,11 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
     # Scoring images go through the dense model directly (repair casts its own calibration
     # input), so float64/float16 images are cast to the model's dtype as repair's are.
     calib, score = calib.to(first.device), score.to(first.device, first.dtype)
+    for what, x in (("calibration", calib), ("scoring", score)):
+        # finite as given (checked above) but not in the model's dtype: refused before any work
+        if not torch.isfinite(x.to(first.dtype)).all():
+            raise ValueError(f"{what} images overflow the model's dtype {first.dtype} (largest "
+                             f"|value| {float(x.abs().max()):.3g}); pass normalized images")
     with warnings.catch_warnings():
         # The anchors' own collapse warnings would name allocations that may not be chosen;
         # the choice is warned about below.
