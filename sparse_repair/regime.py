@@ -10,9 +10,11 @@ thing in a baseline file and in a report.
 
 A *recovering repair* is any registered repair beyond BatchNorm recalibration: every family but
 "none" and "bn" (today the activation-statistics repairs layerwise, channelwise, asr and
-clipped_asr). Source: the transition regime of arXiv 2605.21972 (BN-only repair fails while an
-activation-statistic repair recovers); the 2 x chance and 5-pt thresholds are this project's
-reading of "fails" and "recovers" (benchmarks/README.md).
+clipped_asr, and layer-wise reconstruction, reconstruct, issue #17). Source: the transition regime
+of arXiv 2605.21972 (BN-only repair fails while an activation-statistic repair recovers); the
+2 x chance and 5-pt thresholds are this project's reading of "fails" and "recovers"
+(benchmarks/README.md). The study report also reads the rule with one recovering repair at a
+time (``study.report_writer``: where that repair recovers while bn_recal fails).
 """
 
 from __future__ import annotations

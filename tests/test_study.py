@@ -302,6 +302,65 @@ def test_transition_description_flags_grid_points_inside_that_do_not_qualify():
         f"a curve that dips out of the regime inside the interval must be flagged: {text}"
     assert "grid's start 0.9" in text, f"lower edge at the grid's first point not named: {text}"
 
+
+def _curve_rows(curves: dict, seeds=range(3)) -> list[dict]:
+    """Result rows from {allocation: {repair: [top-1 per sparsity of SPARS]}} with a per-seed
+    offset, so every paired difference has a spread (no zero-variance intervals)."""
+    rows = []
+    for alloc, per_repair in curves.items():
+        for repair, values in per_repair.items():
+            for s, v in zip(SPARS, values):
+                for seed in seeds:
+                    rows.append({"model": "resnet8", "dataset": "digits", "allocation": alloc,
+                                 "sparsity": s, "repair": repair, "seed": seed,
+                                 "top1": v + [0.0, 0.1, -0.1][seed], "dense_top1": 90.0,
+                                 "run_id": f"{alloc}{s}{seed}"})
+    return rows
+
+
+SPARS = (0.8, 0.9, 0.95, 0.97)
+
+
+def test_report_reads_the_transition_per_repair_and_where_each_repair_fails(
+        tmp_path, monkeypatch):
+    """On digits (10 classes) a repair fails below 20%. ERK: bn_recal fails from 0.95; asr
+    recovers only at 0.95 (22 >= 20 and >= 15 + 5), reconstruct at 0.95 and 0.97."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    study = load_study(_study(tmp_path, sparsities=SPARS, seeds=range(3),
+                              repairs=("none", "bn_recal", "asr", "reconstruct")))
+    erk = {"none": [30, 10, 10, 10], "bn_recal": [60, 30, 15, 12],
+           "asr": [62, 33, 22, 14], "reconstruct": [80, 70, 50, 30]}
+    lamp = {r: [v + d for v, d in zip(vals, (2.0, -2.0, 0.0, 2.0))] for r, vals in erk.items()}
+    out = report.write_report(study, _curve_rows({"erk": erk, "lamp": lamp}), tmp_path / "r")
+    assert out["transition_by_repair"]["resnet8/digits/erk"] == \
+        {"asr": [0.95], "reconstruct": [0.95, 0.97]}
+    assert out["transition"]["resnet8/digits/erk"] == (0.95, 0.97)
+    assert out["fails_from"]["resnet8/digits/erk"] == \
+        {"none": "0.9", "bn_recal": "0.95", "asr": "0.97", "reconstruct": "> 0.97"}
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| resnet8/digits/erk | 0.95 | 0.95-0.97 | 0.95-0.97 |" in text, text
+    assert "| resnet8/digits/erk | 0.9 | 0.95 | 0.97 | > 0.97 |" in text, text
+    # LAMP ahead at 0.8, ERK at 0.9, neither at 0.95 (a 0.0 shift), LAMP at 0.97: two flips,
+    # read the same way after every repair.
+    assert "| lamp 0.8, erk 0.9, lamp 0.97 | 2 |" in text, text
+    # reconstruct's comparisons are tabulated and written to the CSV as well
+    assert "### reconstruct - bn_recal per allocation (pt)" in text
+    with open(tmp_path / "r" / "differences.csv") as f:
+        labels = {row["difference"] for row in csv.DictReader(f)}
+    assert labels == {"lamp - erk", "asr - bn_recal", "reconstruct - bn_recal"}, labels
+
+
+def test_fails_from_names_the_grid_start_and_a_curve_that_comes_back():
+    from sparse_repair.study.report_writer import _fails_from
+
+    curve = {0.8: {"a": 15.0}, 0.9: {"a": 25.0}, 0.95: {"a": 10.0}}
+    assert _fails_from(curve, "a", 20.0) == "<= 0.8 (above again at 0.9)"
+    assert _fails_from({0.8: {"a": 50.0}, 0.9: {"a": 19.9}}, "a", 20.0) == "0.9"
+    assert _fails_from({0.8: {"a": 50.0}}, "b", 20.0) == "-"
+
+
 needs_assets = pytest.mark.skipif(
     not (os.environ.get("SPARSE_REPAIR_ASSETS") and
          (Path(os.environ["SPARSE_REPAIR_ASSETS"]) / "cifar10-jpeg").exists()),
@@ -316,7 +375,7 @@ def test_report_end_to_end_on_digits(tmp_path):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Transition regime" in text and "lamp - erk" in text
     assert "Significance is not flagged: 1 seeds < 5 needed" in text \
-        and "| n/a | n/a | 1 |" in text and "nan" not in text.lower(), \
+        and " [n/a] |" in text and "nan" not in text.lower(), \
         "one seed: no interval and no test, printed as n/a"
     assert "| allocation | sparsity | bn_recal | asr | n |" in text, \
         "the accuracy table needs one column per repair, in the study file's order"

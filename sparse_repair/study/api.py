@@ -146,8 +146,12 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
 
     Returns {"report": path of report.md, "plots": [png names], "skipped": [why a plot was
     not drawn, e.g. a store written before per-layer data was kept], "runs_done",
-    "runs_total": int, "transition": {"model/dataset/allocation": (lo, hi) or None}, "selection":
-    {criterion: select.evidence.summarize(rows, criterion)} or None (no label-free scores)}.
+    "runs_total": int, "transition": {"model/dataset/allocation": (lo, hi) or None},
+    "transition_by_repair": {"model/dataset/allocation": {repair: [sparsities where that
+    recovering repair alone recovers while bn_recal fails]}}, "fails_from":
+    {"model/dataset/allocation": {repair: first grid sparsity below 2 x chance, as text}},
+    "selection": {criterion: select.evidence.summarize(rows, criterion)} or None (no
+    label-free scores)}.
     Raises FileNotFoundError / ValueError for a bad study file and ImportError (naming the
     `plot` extra) when pandas is not installed."""
     from .report_writer import write_report  # pandas and matplotlib: only needed here

@@ -16,6 +16,7 @@ try:
 except ImportError as e:  # pragma: no cover - the `plot` extra is installed in CI
     raise ImportError("the study report needs pandas: pip install 'sparse-repair[plot]'") from e
 
+from ..regime import FAIL_FACTOR, RECOVERY_MARGIN_PT, fail_threshold, recovering_repairs
 from ..select import evidence as selection_evidence
 from .spec import Study
 from .stats import (
@@ -26,9 +27,18 @@ from .stats import (
     transition_points,
 )
 
-FAIL_FACTOR = 2.0          # failure threshold = FAIL_FACTOR x chance (percent top-1)
-RECOVERY_MARGIN_PT = 5.0   # recovery: best activation repair >= bn_recal + this
 LEVEL = 0.95               # coverage of the paired t-intervals (CSV keys ci95_lo / ci95_hi)
+
+# The paired differences of the report (a - b of field, paired on calibration seed), each read
+# per group of DIFF_GROUPS[field]: the allocation question of arXiv 2605.21972 (LAMP - ERK after
+# each repair), what its activation-statistics backend adds to BatchNorm recalibration (asr -
+# bn_recal), and what layer-wise reconstruction (issue #17) adds to bn_recal and to the best
+# activation-statistics repair on the canonical data (clipped_asr, docs/RESULTS.md section 0).
+# A comparison whose allocations or repairs the rows lack is left out.
+COMPARISONS = (("allocation", "lamp", "erk"), ("repair", "asr", "bn_recal"),
+               ("repair", "reconstruct", "bn_recal"), ("repair", "reconstruct", "clipped_asr"))
+DIFF_GROUPS = {"allocation": ("model", "dataset", "sparsity", "repair"),
+               "repair": ("model", "dataset", "allocation", "sparsity")}
 
 # What an interval and a "*" mean, printed in every report so a reader need not look it up.
 INTERVALS_NOTE = (
@@ -119,18 +129,19 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     ``store`` (a ``Store``) supplies the per-layer data of the per-layer plots; without it, or
     for runs without stored per-layer data, those plots are skipped and the report says why.
     Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition",
-    "selection"} as ``api.report`` documents ("selection": ``select.evidence.summarize`` per
-    criterion, None when no row has label-free scores)."""
+    "transition_by_repair", "fails_from", "selection"} as ``api.report`` documents
+    ("selection": ``select.evidence.summarize`` per criterion, None when no row has label-free
+    scores)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = split_settings(rows)
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
     cells = cell_table(df)
     cells.to_csv(out / "cells.csv", index=False)
-    alloc_diffs = paired_diffs(rows, "allocation", "lamp", "erk",
-                               ("model", "dataset", "sparsity", "repair"), LEVEL)
-    repair_diffs = paired_diffs(rows, "repair", "asr", "bn_recal",
-                                ("model", "dataset", "allocation", "sparsity"), LEVEL)
-    diffs = alloc_diffs + repair_diffs
+    seeds = len({cfg.seed for _, cfg in study.runs})
+    by_comparison = {c: paired_diffs(rows, c[0], c[1], c[2], DIFF_GROUPS[c[0]], LEVEL)
+                     for c in COMPARISONS}
+    alloc_diffs = by_comparison[("allocation", "lamp", "erk")]
+    diffs = [d for ds in by_comparison.values() for d in ds]
     # ci95_lo / ci95_hi / p_value are empty in the CSV where one seed gives no interval.
     diff_table = pd.DataFrame(
         [{"group": "/".join(map(str, d.key)), "difference": d.label, "mean": d.mean,
@@ -144,11 +155,20 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
         wide = g.pivot(index="sparsity", columns="repair", values="mean")
         curves[key] = {float(s): {r: float(v) for r, v in row.items() if pd.notna(v)}
                        for s, row in wide.iterrows()}
-    regimes, hits = {}, {}
+    regimes, hits, by_repair, fails = {}, {}, {}, {}
     for key, curve in curves.items():
         k = _num_classes(key[1])
-        hits[key] = transition_points(curve, k, FAIL_FACTOR * 100.0 / k, RECOVERY_MARGIN_PT)
+        hits[key] = transition_points(curve, k, fail_threshold(k), RECOVERY_MARGIN_PT)
         regimes[key] = span(hits[key])
+        # The same rule with one recovering repair at a time: where *that* repair recovers
+        # while bn_recal fails (the seed paper's transition regime, read per backend).
+        by_repair[key] = {
+            r: transition_points({s: {q: v for q, v in top1.items() if q in ("bn_recal", r)}
+                                  for s, top1 in curve.items()}, k, fail_threshold(k),
+                                 RECOVERY_MARGIN_PT)
+            for r in recovering_repairs() if any(r in top1 for top1 in curve.values())}
+        fails[key] = {r: _fails_from(curve, r, fail_threshold(k))
+                      for r in sorted({q for top1 in curve.values() for q in top1})}
 
     runs_done, runs_total = int(df["run_id"].nunique()), len(study.runs)
     md = [f"# Study `{study.name}`", "",
@@ -161,23 +181,17 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
                f"with n below the study's seed count and the transition regimes are provisional; "
                f"resume with `sparse-repair study run {study.path}`.", ""]
     md += _accuracy_tables(cells, dense, _repair_order(study, cells))
-    md += ["", f"## Paired differences (mean over calibration seeds; {LEVEL:.0%} paired "
-           f"t-interval; p = paired t-test; * = interval excludes 0 with >= "
-           f"{MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
-    md += _md_table(pd.DataFrame({
-        "group": diff_table["group"], "difference": diff_table["difference"],
-        "mean": [f"{d.mean:+.2f}" for d in diffs],
-        f"{LEVEL:.0%} t-interval": [
-            "n/a" if d.lo is None else
-            f"[{d.lo:+.2f}, {d.hi:+.2f}]{' *' if d.significant else ''}" for d in diffs],
-        "p": [_fmt(d.p, ".3g") for d in diffs], "n": diff_table["n_seeds"]}))
+    md += ["", f"## Paired differences (mean over calibration seeds [{LEVEL:.0%} paired "
+           f"t-interval]; * = interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds; "
+           f"(n=k) = only k of the study's {seeds} seeds; p-values in differences.csv)", ""]
+    for (field, a, b), ds in by_comparison.items():
+        if ds:
+            md += _diff_pivot(ds, field, a, b, seeds) + [""]
+    md = md[:-1]
     md += ["", f"## Preferred allocation (only where LAMP - ERK is significant: {LEVEL:.0%} "
            f"t-interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
     md += _preferred(alloc_diffs)
-    md += ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; best activation "
-           f"repair >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt)", ""]
-    for key in regimes:
-        md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
+    md += _transition_section(curves, hits, by_repair, fails, _repair_order(study, cells))
     # Where the runs recorded label-free scores (scoring > 0), how well choosing by them works.
     md += [""] + selection_evidence.markdown(rows, complete=runs_done >= runs_total)
     skipped: list[str] = []
@@ -189,9 +203,97 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     return {"report": str(out / "report.md"), "plots": plots, "skipped": skipped,
             "runs_done": runs_done, "runs_total": runs_total,
             "transition": {"/".join(k): v for k, v in regimes.items()},
+            "transition_by_repair": {"/".join(k): v for k, v in by_repair.items()},
+            "fails_from": {"/".join(k): v for k, v in fails.items()},
             "selection": ({c: selection_evidence.summarize(rows, c)
                            for c in selection_evidence.CRITERIA}
                           if selection_evidence.selections(rows) else None)}
+
+
+def _diff_pivot(diffs, field: str, a: str, b: str, seeds: int) -> list[str]:
+    """One comparison as a table: a row per group (its key without the sparsity), a column per
+    sparsity, cells ``mean [lo, hi]`` in points (``[n/a]``: one seed, no interval; ``*`` when
+    flagged; ``(n=k)`` when fewer than the study's ``seeds``; ``-`` where the pair is
+    missing). For LAMP - ERK two more columns read the allocation question: which allocation
+    is ahead where the interval excludes 0 (whatever the seed count: a reader's summary, not a
+    significance flag) and how often that preference flips along the sparsity axis."""
+    at = DIFF_GROUPS[field].index("sparsity")
+    groups: dict[str, dict[float, object]] = {}
+    for d in diffs:
+        groups.setdefault("/".join(map(str, d.key[:at] + d.key[at + 1:])), {})[d.key[at]] = d
+    grid = sorted({d.key[at] for d in diffs})
+    table = []
+    for group, cells in groups.items():
+        row: dict[str, object] = {"group": group}
+        for s in grid:
+            d = cells.get(s)
+            row[str(s)] = "-" if d is None else (
+                f"{d.mean:+.2f}" + (" [n/a]" if d.lo is None else f" [{d.lo:+.2f}, {d.hi:+.2f}]")
+                + (f" (n={d.n})" if d.n < seeds else "") + (" *" if d.significant else ""))
+        if field == "allocation":
+            ahead = [(s, a if d.lo > 0 else b) for s, d in sorted(cells.items())
+                     if d.lo is not None and (d.lo > 0 or d.hi < 0)]
+            row["ahead where the interval excludes 0"] = \
+                ", ".join(f"{w} {s}" for s, w in ahead) or "nowhere"
+            row["flips"] = sum(p[1] != q[1] for p, q in zip(ahead, ahead[1:]))
+        table.append(row)
+    title = (f"### {a} - {b} after each repair (pt)" if field == "allocation" else
+             f"### {a} - {b} per allocation (pt)")
+    return [title, ""] + _md_table(pd.DataFrame(table))
+
+
+def _fails_from(curve: dict[float, dict[str, float]], repair: str, fail: float) -> str:
+    """The first sparsity of the grid where ``repair``'s mean top-1 is below ``fail``, as text:
+    "<= s" when it fails at the grid's start, "> s" when it never fails on the grid, and a
+    note when it is back above the line at a higher sparsity (a non-monotone curve)."""
+    points = [(s, top1[repair]) for s, top1 in sorted(curve.items()) if repair in top1]
+    failed = [s for s, v in points if v < fail]
+    if not points:
+        return "-"
+    if not failed:
+        return f"> {points[-1][0]}"
+    first = failed[0]
+    text = f"<= {first}" if first == points[0][0] else f"{first}"
+    back = [s for s, v in points if s > first and v >= fail]
+    return text + (f" (above again at {', '.join(map(str, back))})" if back else "")
+
+
+def _compact(hits: list[float], grid: list[float]) -> str:
+    """Transition sparsities in a table cell: "lo-hi" for a run of consecutive grid points, the
+    points themselves otherwise, "-" for none."""
+    if not hits:
+        return "-"
+    i, j = grid.index(hits[0]), grid.index(hits[-1])
+    if len(hits) == j - i + 1:
+        return str(hits[0]) if i == j else f"{hits[0]}-{hits[-1]}"
+    return ", ".join(map(str, hits))
+
+
+def _transition_section(curves: dict, hits: dict, by_repair: dict, fails: dict,
+                        repairs: list[str]) -> list[str]:
+    """The transition regime, read three ways from the cell means: with every recovering
+    repair at once (the gate's rule, with its edges in words), with each recovering repair on
+    its own (where that backend recovers while bn_recal fails), and where each repair's curve
+    crosses the failure line (how wide the recoverable span above bn_recal's failure is)."""
+    recovering = [r for r in recovering_repairs()
+                  if any(r in per for per in by_repair.values())]
+    md = ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; a recovering repair "
+          f"({', '.join(recovering) or 'none in these rows'}) >= {FAIL_FACTOR:g} x chance and "
+          f">= bn_recal + {RECOVERY_MARGIN_PT:g} pt; on the mean top-1 over seeds)", ""]
+    for key in hits:
+        md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
+    md += ["", "### By repair (grid sparsities where that repair alone recovers while bn_recal "
+           "fails)", ""]
+    md += _md_table(pd.DataFrame(
+        [{"model/dataset/allocation": "/".join(key),
+          **{r: _compact(by_repair[key].get(r, []), sorted(curves[key])) for r in recovering},
+          "any": _compact(hits[key], sorted(curves[key]))} for key in hits]))
+    md += ["", f"### Where each repair fails (first grid sparsity with mean top-1 < "
+           f"{FAIL_FACTOR:g} x chance; \"> s\": not on the grid)", ""]
+    md += _md_table(pd.DataFrame(
+        [{"model/dataset/allocation": "/".join(key),
+          **{r: fails[key].get(r, "-") for r in repairs}} for key in hits]))
+    return md
 
 
 def _preferred(alloc_diffs) -> list[str]:
