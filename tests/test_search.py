@@ -473,6 +473,8 @@ def no_work(monkeypatch):
     ({"calibration": "labeled"}, TypeError, "label-free"),
     ({"calibration": "huge"}, ValueError, "calibration images overflow the model's dtype"),
     ({"scoring": "huge"}, ValueError, "scoring images overflow the model's dtype"),
+    ({"calibration": "gray", "scoring": "gray"}, ValueError,
+     "images have 1 channels but the dense model's first layer 'conv1' .* expects 3"),
 ])
 def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, match):
     dense, calib, scoring = setting
@@ -480,6 +482,8 @@ def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, m
     for key, images in (("calibration", calib), ("scoring", scoring)):
         if kw[key] == "huge":  # finite in float64, Inf in the model's float32
             kw[key] = images.double() * 1e300
+        if kw[key] == "gray":  # one channel in both sets: they agree, the model does not
+            kw[key] = images[:, :1].clone()
     if isinstance(kw["scoring"], str):  # "overlap": one calibration image among them
         kw["scoring"] = torch.cat([scoring[:5], calib[3:4]])
     if isinstance(kw["calibration"], str):  # "labeled": what a labeled loader yields

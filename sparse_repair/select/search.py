@@ -95,7 +95,7 @@ from ..progress import progress_bar
 from ..pruning import prune_
 from ..repair import REPAIRS, as_image_tensor, check_model
 from ..repair import repair as run_repair  # the ``repair`` argument names the method
-from ..repair.engine import batchnorms
+from ..repair.engine import batchnorms, check_image_channels
 
 CRITERIA = ("kl", "agreement")
 DEFAULT_ANCHORS = ("erk", "lamp")  # the fixed pair of the original family (anchors=...)
@@ -345,7 +345,9 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         integer type, bool refused) or below 2, 0, 0, move_factor not a real number that is
         finite and > 1 as a float, a dense model that
         ``repair.check_model`` refuses or without BatchNorm for a BN repair, empty or non-4-D
-        images, calibration and scoring images of different [C, H, W], or a scoring image
+        images, calibration and scoring images of different [C, H, W], a channel count the
+        model's first layer does not take (the message names the layer), images that overflow
+        the model's dtype, or a scoring image
         bit-for-bit equal to a calibration image; TypeError for images given as a tuple or list
         (what a labeled loader yields) or an option the repair does not take.
         Overlap is checked only as exact equality: a scoring image that is an augmented or
@@ -372,6 +374,15 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         if not torch.isfinite(x.to(first.dtype)).all():
             raise ValueError(f"{what} images overflow the model's dtype {first.dtype} (largest "
                              f"|value| {float(x.abs().max()):.3g}); pass normalized images")
+    # Images with a channel count the model's first layer does not take would fail inside
+    # torch's conv with a message about weights: the engine's probe (two images, eval mode,
+    # no_grad, nothing written) names the layer first.
+    was_training = dense.training
+    dense.eval()
+    try:
+        check_image_channels(dense, calib[:2].to(first.dtype), "dense")
+    finally:
+        dense.train(was_training)
     with warnings.catch_warnings():
         # The anchors' own collapse warnings would name allocations that may not be chosen;
         # the choice is warned about below.
