@@ -83,7 +83,8 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
                                criterion=criterion, keep_model=False, observe=observe,
                                grid=grid, refine=refine, anchors=anchors,
                                candidates=(candidates if auto else None),
-                               layer_sweeps=layer_sweeps, move_factor=move_factor)
+                               layer_sweeps=layer_sweeps, move_factor=move_factor,
+                               progress=True)  # the layer-move proposals print nothing else
     moves = []  # accepted layer moves, each rebuilt (prune + repair are deterministic)
     for q in result.moves:
         model = copy.deepcopy(dense)
