@@ -361,6 +361,67 @@ def test_fails_from_names_the_grid_start_and_a_curve_that_comes_back():
     assert _fails_from({0.8: {"a": 50.0}}, "b", 20.0) == "-"
 
 
+def test_report_transition_tables_tell_not_run_from_not_found(tmp_path, monkeypatch):
+    """A repair absent from a curve, or a curve without bn_recal, cannot show a transition:
+    the tables say so instead of "-" (which reads "nowhere on the grid"); a report with no
+    rows or no pairs has no empty table or heading over nothing."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    study = load_study(_study(tmp_path, sparsities=SPARS, seeds=range(3),
+                              repairs=("none", "bn_recal", "asr", "reconstruct")))
+    erk = {"none": [30, 10, 10, 10], "bn_recal": [60, 30, 15, 12],
+           "asr": [62, 33, 22, 14], "reconstruct": [80, 70, 50, 30]}
+    lamp = {r: v for r, v in erk.items() if r != "reconstruct"}  # reconstruct never ran
+    report.write_report(study, _curve_rows({"erk": erk, "lamp": lamp}), tmp_path / "a")
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert "| resnet8/digits/lamp | 0.95 | not run | 0.95 |" in text, text
+    assert "| resnet8/digits/lamp | 0.9 | 0.95 | 0.97 | - |" in text, "fails: - is not run"
+
+    no_bn = {"erk": {r: v for r, v in erk.items() if r != "bn_recal"}}
+    report.write_report(study, _curve_rows(no_bn), tmp_path / "b")
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "- resnet8/digits/erk: not read: no bn_recal in these rows" in text, text
+    assert "| resnet8/digits/erk | no bn_recal | no bn_recal | no bn_recal |" in text, text
+    # "none" is a repair's name too: the heading must not list it as the recovering repair
+    report.write_report(study, _curve_rows({"erk": {"none": erk["none"]}}), tmp_path / "c")
+    text = (tmp_path / "c" / "report.md").read_text()
+    assert "a recovering repair (none in these rows)" not in text
+    assert "- no pairs in these rows for any of lamp - erk" in text, text
+
+    report.write_report(study, [], tmp_path / "d")
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert "- no finished cells in these rows" in text and "|  |" not in text, text
+    assert "nan" not in text.lower()
+
+
+def test_report_counts_the_seeds_each_models_table_plans(tmp_path, monkeypatch):
+    """A [[models]] table may set its own seeds: a finished model with 3 of a study's 5
+    seeds has all its seeds, and "(n=k)" marks only cells short of their model's own."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    f = _study(tmp_path, seeds=range(5), repairs=("none", "bn_recal", "asr"))
+    f.write_text(f.read_text() + f'[[models]]\nmodel = "resnet8"\ndataset = "cifar10"\n'
+                 f'weights = "{CKPT.as_posix()}"\nseeds = [0, 1, 2]\n')
+    study = load_study(f)
+    rows = [{"model": cfg.model, "dataset": cfg.dataset, "allocation": cfg.allocation,
+             "sparsity": cfg.sparsity, "repair": r, "seed": cfg.seed,
+             "top1": v + 0.1 * cfg.seed + (cfg.allocation == "lamp"), "dense_top1": 90.0,
+             "run_id": rid}
+            for rid, cfg in study.runs for r, v in (("none", 30.0), ("bn_recal", 40.0),
+                                                    ("asr", 45.0))
+            if not (cfg.dataset == "digits" and cfg.seed == 4 and cfg.sparsity == 0.9)]
+    report.write_report(study, rows, tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "the seeds the study plans for that model and data set (3/5)" in text, text
+    cifar = [ln for ln in text.splitlines() if ln.startswith("| resnet8/cifar10/")]
+    assert cifar and not any("(n=" in ln for ln in cifar), \
+        "cifar10 has all 3 of its seeds: no cell may be marked short"
+    assert "| resnet8/digits/asr | +1.00 [+1.00, +1.00] * | +1.00 [+1.00, +1.00] (n=4) |" \
+        in text, "digits at 0.9 lacks one of its 5 seeds"
+
+
 needs_assets = pytest.mark.skipif(
     not (os.environ.get("SPARSE_REPAIR_ASSETS") and
          (Path(os.environ["SPARSE_REPAIR_ASSETS"]) / "cifar10-jpeg").exists()),

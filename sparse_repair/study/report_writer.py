@@ -7,6 +7,8 @@ plots it lacks and why."""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ LEVEL = 0.95               # coverage of the paired t-intervals (CSV keys ci95_l
 # A comparison whose allocations or repairs the rows lack is left out.
 COMPARISONS = (("allocation", "lamp", "erk"), ("repair", "asr", "bn_recal"),
                ("repair", "reconstruct", "bn_recal"), ("repair", "reconstruct", "clipped_asr"))
+# Both groupings start with (model, dataset): _diff_pivot reads a group's planned seeds there.
 DIFF_GROUPS = {"allocation": ("model", "dataset", "sparsity", "repair"),
                "repair": ("model", "dataset", "allocation", "sparsity")}
 
@@ -137,7 +140,7 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
     cells = cell_table(df)
     cells.to_csv(out / "cells.csv", index=False)
-    seeds = len({cfg.seed for _, cfg in study.runs})
+    planned = _planned_seeds(study, rows)
     by_comparison = {c: paired_diffs(rows, c[0], c[1], c[2], DIFF_GROUPS[c[0]], LEVEL)
                      for c in COMPARISONS}
     alloc_diffs = by_comparison[("allocation", "lamp", "erk")]
@@ -181,13 +184,18 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
                f"with n below the study's seed count and the transition regimes are provisional; "
                f"resume with `sparse-repair study run {study.path}`.", ""]
     md += _accuracy_tables(cells, dense, _repair_order(study, cells))
+    counts = sorted(set(planned.values())) or [len({cfg.seed for _, cfg in study.runs})]
+    of = (f"the study's {counts[0]} seeds" if len(counts) == 1 else
+          f"the seeds the study plans for that model and data set ({'/'.join(map(str, counts))})")
     md += ["", f"## Paired differences (mean over calibration seeds [{LEVEL:.0%} paired "
            f"t-interval]; * = interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds; "
-           f"(n=k) = only k of the study's {seeds} seeds; p-values in differences.csv)", ""]
+           f"(n=k) = only k of {of}; p-values in differences.csv)"]
     for (field, a, b), ds in by_comparison.items():
         if ds:
-            md += _diff_pivot(ds, field, a, b, seeds) + [""]
-    md = md[:-1]
+            md += [""] + _diff_pivot(ds, field, a, b, planned)
+    if not diffs:  # say so rather than leave a heading over nothing
+        md += ["", f"- no pairs in these rows for any of "
+                   f"{', '.join(f'{a} - {b}' for _, a, b in COMPARISONS)}"]
     md += ["", f"## Preferred allocation (only where LAMP - ERK is significant: {LEVEL:.0%} "
            f"t-interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
     md += _preferred(alloc_diffs)
@@ -210,13 +218,36 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
                           if selection_evidence.selections(rows) else None)}
 
 
-def _diff_pivot(diffs, field: str, a: str, b: str, seeds: int) -> list[str]:
+def _planned_seeds(study: Study, rows: list[dict]) -> dict[tuple[str, str], int]:
+    """How many seeds the study file plans per (model, data set) of ``rows`` (model labels as
+    ``split_settings`` gives them; every row needs ``run_id``): the seeds of the study's runs
+    that differ from a row's run in the seed alone. A [[models]] table may set its own seed
+    list, so one study-wide count would call a finished model's cells short of seeds. A row
+    of a run the study does not list counts every seed of the study."""
+    same_but_seed: dict[str, set] = defaultdict(set)
+    ids = {}
+    for rid, cfg in study.runs:
+        key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("seed", "repairs")},
+                         sort_keys=True, default=str)
+        same_but_seed[key].add(cfg.seed)
+        ids[rid] = key
+    every = {cfg.seed for _, cfg in study.runs}
+    planned: dict[tuple[str, str], set] = defaultdict(set)
+    for r in rows:
+        planned[(r["model"], r["dataset"])] |= same_but_seed[ids[r["run_id"]]] \
+            if r["run_id"] in ids else every
+    return {k: len(v) for k, v in planned.items()}
+
+
+def _diff_pivot(diffs, field: str, a: str, b: str, planned: dict[tuple[str, str], int]
+                ) -> list[str]:
     """One comparison as a table: a row per group (its key without the sparsity), a column per
     sparsity, cells ``mean [lo, hi]`` in points (``[n/a]``: one seed, no interval; ``*`` when
-    flagged; ``(n=k)`` when fewer than the study's ``seeds``; ``-`` where the pair is
-    missing). For LAMP - ERK two more columns read the allocation question: which allocation
-    is ahead where the interval excludes 0 (whatever the seed count: a reader's summary, not a
-    significance flag) and how often that preference flips along the sparsity axis."""
+    flagged; ``(n=k)`` when fewer than the seeds the study plans for the group's (model, data
+    set), ``planned`` as `_planned_seeds` gives it; ``-`` where the pair is missing). For
+    LAMP - ERK two more columns read the allocation question: which allocation is ahead where
+    the interval excludes 0 (whatever the seed count: a reader's summary, not a significance
+    flag) and how often that preference flips along the sparsity axis."""
     at = DIFF_GROUPS[field].index("sparsity")
     groups: dict[str, dict[float, object]] = {}
     for d in diffs:
@@ -229,7 +260,8 @@ def _diff_pivot(diffs, field: str, a: str, b: str, seeds: int) -> list[str]:
             d = cells.get(s)
             row[str(s)] = "-" if d is None else (
                 f"{d.mean:+.2f}" + (" [n/a]" if d.lo is None else f" [{d.lo:+.2f}, {d.hi:+.2f}]")
-                + (f" (n={d.n})" if d.n < seeds else "") + (" *" if d.significant else ""))
+                + (f" (n={d.n})" if d.n < planned[d.key[:2]] else "")
+                + (" *" if d.significant else ""))
         if field == "allocation":
             ahead = [(s, a if d.lo > 0 else b) for s, d in sorted(cells.items())
                      if d.lo is not None and (d.lo > 0 or d.hi < 0)]
@@ -274,22 +306,40 @@ def _transition_section(curves: dict, hits: dict, by_repair: dict, fails: dict,
     """The transition regime, read three ways from the cell means: with every recovering
     repair at once (the gate's rule, with its edges in words), with each recovering repair on
     its own (where that backend recovers while bn_recal fails), and where each repair's curve
-    crosses the failure line (how wide the recoverable span above bn_recal's failure is)."""
+    crosses the failure line (how wide the recoverable span above bn_recal's failure is).
+    A curve without bn_recal, or without a given repair, says so instead of "-" (no regime
+    found), since the rule cannot be read there."""
     recovering = [r for r in recovering_repairs()
                   if any(r in per for per in by_repair.values())]
+    # "none" is also a repair's name: the empty case names what is missing instead.
+    which = ", ".join(recovering) or f"none of {', '.join(recovering_repairs())} in these rows"
     md = ["", f"## Transition regime (bn_recal < {FAIL_FACTOR:g} x chance; a recovering repair "
-          f"({', '.join(recovering) or 'none in these rows'}) >= {FAIL_FACTOR:g} x chance and "
-          f">= bn_recal + {RECOVERY_MARGIN_PT:g} pt; on the mean top-1 over seeds)", ""]
+          f"({which}) >= {FAIL_FACTOR:g} x chance and >= bn_recal + {RECOVERY_MARGIN_PT:g} pt; "
+          f"on the mean top-1 over seeds)", ""]
+    if not hits:  # no finished cell yet (a report of a study just started): no empty tables
+        return md + ["- no finished cells in these rows"]
+    no_bn = {key for key, curve in curves.items()
+             if not any("bn_recal" in top1 for top1 in curve.values())}
     for key in hits:
-        md.append(f"- {'/'.join(key)}: {describe_interval(list(curves[key]), hits[key])}")
+        md.append(f"- {'/'.join(key)}: " + (
+            "not read: no bn_recal in these rows" if key in no_bn else
+            describe_interval(list(curves[key]), hits[key])))
+
+    def cell(key, found: list[float] | None) -> str:
+        if key in no_bn:
+            return "no bn_recal"
+        return "not run" if found is None else _compact(found, sorted(curves[key]))
+
     md += ["", "### By repair (grid sparsities where that repair alone recovers while bn_recal "
-           "fails)", ""]
+           "fails; \"-\": nowhere on the grid)", ""]
     md += _md_table(pd.DataFrame(
         [{"model/dataset/allocation": "/".join(key),
-          **{r: _compact(by_repair[key].get(r, []), sorted(curves[key])) for r in recovering},
-          "any": _compact(hits[key], sorted(curves[key]))} for key in hits]))
+          **{r: cell(key, by_repair[key].get(r)) for r in recovering},
+          "any": cell(key, hits[key])} for key in hits]))
     md += ["", f"### Where each repair fails (first grid sparsity with mean top-1 < "
-           f"{FAIL_FACTOR:g} x chance; \"> s\": not on the grid)", ""]
+           f"{FAIL_FACTOR:g} x chance; \"<= s\": already at its first sparsity s; \"> s\": "
+           f"not up to s, its last sparsity; \"above again\": back above the line there; "
+           f"\"-\": not run)", ""]
     md += _md_table(pd.DataFrame(
         [{"model/dataset/allocation": "/".join(key),
           **{r: fails[key].get(r, "-") for r in repairs}} for key in hits]))
