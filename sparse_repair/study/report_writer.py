@@ -162,16 +162,17 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     regimes, hits, by_repair, fails = {}, {}, {}, {}
     for key, curve in curves.items():
         k = _num_classes(key[1])
-        hits[key] = transition_points(curve, k, fail_threshold(k), RECOVERY_MARGIN_PT)
+        fail = fail_threshold(k)
+        hits[key] = transition_points(curve, k, fail, RECOVERY_MARGIN_PT)
         regimes[key] = span(hits[key])
         # The same rule with one recovering repair at a time: where *that* repair recovers
         # while bn_recal fails (the seed paper's transition regime, read per backend).
         by_repair[key] = {
             r: transition_points({s: {q: v for q, v in top1.items() if q in ("bn_recal", r)}
-                                  for s, top1 in curve.items()}, k, fail_threshold(k),
+                                  for s, top1 in curve.items()}, k, fail,
                                  RECOVERY_MARGIN_PT)
             for r in recovering_repairs() if any(r in top1 for top1 in curve.values())}
-        fails[key] = {r: _fails_from(curve, r, fail_threshold(k))
+        fails[key] = {r: _fails_from(curve, r, fail)
                       for r in sorted({q for top1 in curve.values() for q in top1})}
 
     runs_done, runs_total = int(df["run_id"].nunique()), len(study.runs)
