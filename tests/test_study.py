@@ -352,6 +352,33 @@ def test_report_reads_the_transition_per_repair_and_where_each_repair_fails(
     assert labels == {"lamp - erk", "asr - bn_recal", "reconstruct - bn_recal"}, labels
 
 
+def test_report_judges_selection_only_on_seeds_with_every_planned_candidate(
+        tmp_path, monkeypatch):
+    """The study plans ERK and LAMP; seed 2 has only ERK done. Its selection is a choice
+    among fewer candidates and is counted apart, by the study file's plan, not the rows'."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    study = load_study(_study(tmp_path, sparsities=SPARS, seeds=range(3),
+                              repairs=("none", "bn_recal")))
+    curves = {"none": [30, 10, 10, 10], "bn_recal": [60, 30, 15, 12]}
+    ids = {(cfg.allocation, cfg.sparsity, cfg.seed): rid for rid, cfg in study.runs}
+    rows = [dict(r, agreement=r["top1"], kl=1.0 / r["top1"],
+                 run_id=ids[(r["allocation"], r["sparsity"], r["seed"])])
+            for r in _curve_rows({"erk": curves, "lamp": curves})
+            if not (r["allocation"] == "lamp" and r["seed"] == 2)]
+    out = report.write_report(study, rows, tmp_path / "r")
+    sel = out["selection"]["agreement"]
+    assert (sel["n_selections"], sel["n_incomplete"]) == (2 * len(SPARS), len(SPARS))
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert f"{len(SPARS)} selections still missing candidates left out" in text, text
+    # without lamp in any row, only the study's plan can tell that every seed is short
+    erk_only = [r for r in rows if r["allocation"] == "erk"]
+    out = report.write_report(study, erk_only, tmp_path / "e")
+    assert out["selection"]["kl"]["n_selections"] == 0
+    assert out["selection"]["kl"]["n_incomplete"] == 3 * len(SPARS)
+
+
 def test_fails_from_names_the_grid_start_and_a_curve_that_comes_back():
     from sparse_repair.study.report_writer import _fails_from
 

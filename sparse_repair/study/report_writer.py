@@ -203,7 +203,8 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     md += _preferred(alloc_diffs)
     md += _transition_section(curves, hits, by_repair, fails, _repair_order(study, cells))
     # Where the runs recorded label-free scores (scoring > 0), how well choosing by them works.
-    md += [""] + selection_evidence.markdown(rows, complete=runs_done >= runs_total)
+    plan = _planned_candidates(study, rows)
+    md += [""] + selection_evidence.markdown(rows, complete=runs_done >= runs_total, plan=plan)
     skipped: list[str] = []
     plots = _plots(study, cells, dense, regimes, out, df=df, store=store, skipped=skipped)
     if plots or skipped:
@@ -215,7 +216,7 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
             "transition": {"/".join(k): v for k, v in regimes.items()},
             "transition_by_repair": {"/".join(k): v for k, v in by_repair.items()},
             "fails_from": {"/".join(k): v for k, v in fails.items()},
-            "selection": ({c: selection_evidence.summarize(rows, c)
+            "selection": ({c: selection_evidence.summarize(rows, c, plan)
                            for c in selection_evidence.CRITERIA}
                           if selection_evidence.selections(rows) else None)}
 
@@ -239,6 +240,28 @@ def _planned_seeds(study: Study, rows: list[dict]) -> dict[tuple[str, str], int]
         planned[(r["model"], r["dataset"])] |= same_but_seed[ids[r["run_id"]]] \
             if r["run_id"] in ids else every
     return {k: len(v) for k, v in planned.items()}
+
+
+def _planned_candidates(study: Study, rows: list[dict]) -> dict[tuple[str, str], set]:
+    """{(model, data set): {(allocation, repair label)}} as the study file plans it for the
+    (model, data set) of ``rows`` (labels as ``split_settings`` gives them; every row needs
+    ``run_id``): the candidates of the study's runs that differ from a row's run only in the
+    seed, the allocation and the repair list. The selection evidence counts a seed's
+    selection only once all of these are in, and this plan also knows the allocations that
+    no run has reached yet."""
+    by_key: dict[str, set] = defaultdict(set)
+    ids = {}
+    for rid, cfg in study.runs:
+        key = json.dumps({k: v for k, v in asdict(cfg).items()
+                          if k not in ("seed", "allocation", "repairs")},
+                         sort_keys=True, default=str)
+        by_key[key] |= {(cfg.allocation, label) for label, _, _ in cfg.repair_calls()}
+        ids[rid] = key
+    plan: dict[tuple[str, str], set] = defaultdict(set)
+    for r in rows:
+        if r["run_id"] in ids:
+            plan[(r["model"], r["dataset"])] |= by_key[ids[r["run_id"]]]
+    return dict(plan)
 
 
 def _diff_pivot(diffs, field: str, a: str, b: str, planned: dict[tuple[str, str], int]
