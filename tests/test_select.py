@@ -186,10 +186,13 @@ def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
     # label-free scores must tell the repaired candidates from the unrepaired ones.
     assert d["choice"]["repair"] != "none"
     rules = d["fixed_rules"]
-    assert set(rules) == {"always erk", "always lamp", "always bn_recal", "erk+bn_recal",
-                          "lamp+bn_recal"}
+    assert set(rules) == {"always erk", "always lamp", "always bn_recal", "always reconstruct",
+                          "erk+bn_recal", "lamp+bn_recal"}
+    assert rules["always reconstruct"] == {"choice": None, "top1": None, "regret": None,
+                                           "note": "not among the candidates"}
     for name, r in rules.items():
-        assert r["regret"] >= 0 and r["regret"] == pytest.approx(best - r["top1"]), name
+        if name != "always reconstruct":
+            assert r["regret"] >= 0 and r["regret"] == pytest.approx(best - r["top1"]), name
     assert rules["erk+bn_recal"]["choice"] == {"allocation": "erk", "repair": "bn_recal"}
     assert rules["always lamp"]["choice"]["allocation"] == "lamp"
     assert rules["always bn_recal"]["choice"]["repair"] == "bn_recal"

@@ -32,6 +32,20 @@ def test_a_criterion_that_ranks_like_top1_has_zero_regret_and_meets_the_goal():
     assert s["rules"]["always erk"]["per_seed"]["mean"] == pytest.approx(18.0)
     assert s["rules"]["erk+bn_recal"]["per_seed"]["worst"] == pytest.approx(20.0)
     assert s["rules"]["always bn_recal"]["per_seed"]["mean"] == pytest.approx(17.5)
+    # the best single pair in hindsight is the best candidate of both seeds
+    assert s["rules"]["hindsight: lamp+reconstruct"]["per_regime"]["mean"] == 0.0
+
+
+def test_the_hindsight_pair_is_the_single_pair_with_the_lowest_mean_regret():
+    """Seed 0's best is lamp+reconstruct, seed 1's lamp+asr (lamp+reconstruct falls to 43.0):
+    no pair is best in both; lamp+asr has regrets 16 and 0 (mean 8), lamp+reconstruct 0 and
+    1.0 (mean 0.5), so it is the hindsight pair, with one seed missed by more than 0.5 pt."""
+    other = dict(GOOD)
+    other[("lamp", "reconstruct")] = (43.0, 1.0, 47.0)
+    s = E.summarize(_rows(0, GOOD) + _rows(1, other), "kl")
+    h = [r for r in s["rules"] if r.startswith("hindsight")]
+    assert h == ["hindsight: lamp+reconstruct"]
+    assert s["rules"][h[0]]["per_seed"] == {"hit": 0.5, "mean": 0.5, "worst": 1.0, "n": 2}
 
 
 def test_a_misleading_criterion_shows_its_regret_and_misses_the_goal():

@@ -105,7 +105,9 @@ def summarize(rows: list[dict], criterion: str = "kl", plan: Plan | None = None)
     ``planned_candidates(rows)``; see the module docstring for why).
 
     Returns {"criterion", "n_selections" (complete), "n_incomplete" (left out), "n_regimes",
-    "rules": {rule: {"per_seed": {"hit", "mean", "worst", "n"}, "per_regime": {...}}},
+    "rules": {rule: {"per_seed": {"hit", "mean", "worst", "n"}, "per_regime": {...}}} for
+    "select", every ``FIXED_RULES`` entry and "hindsight: <allocation>+<repair>" (the single
+    pair with the lowest mean regret over these selections, a ceiling for fixed rules),
     "regimes": [{"model", "dataset", "sparsity", "seeds", "candidates", "choices", rule: mean
     regret, ...}], "correlation": {criterion:
     {"spearman_mean", "spearman_min", "n"}}, "goal_met": bool | None}. "hit" is the share (0-1)
@@ -122,7 +124,11 @@ def summarize(rows: list[dict], criterion: str = "kl", plan: Plan | None = None)
     by_regime: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     choices: dict[tuple, list[str]] = defaultdict(list)
     corr: dict[str, list[float]] = defaultdict(list)
+    pairs: dict[tuple[str, str], list[tuple[tuple, float]]] = defaultdict(list)
     for (model, dataset, sp, _seed), cands in sel.items():
+        for c in cands:
+            pairs[(c["allocation"], c["repair"])].append(
+                ((model, dataset, sp), _regret(cands, c)))
         regrets = rule_regrets(cands, criterion)
         for rule, r in regrets.items():
             if r is not None:
@@ -144,6 +150,19 @@ def summarize(rows: list[dict], criterion: str = "kl", plan: Plan | None = None)
                 "worst": float(v.max()), "n": int(len(v))}
 
     rules = ["select", *FIXED_RULES]
+    # The best single (allocation, repair) pair *in hindsight*: chosen by its true regret over
+    # these very selections, so a ceiling for any fixed rule, not a rule a user could know in
+    # advance. Selection matching it means choosing costs nothing against the best fixed
+    # pair; beating it means the best pair changes across regimes. Only pairs present in
+    # every selection compete (ties: name order).
+    common = [p for p, v in sorted(pairs.items()) if len(v) == len(sel)]
+    if common:
+        best_pair = min(common, key=lambda p: np.mean([r for _, r in pairs[p]]))
+        hindsight = f"hindsight: {best_pair[0]}+{best_pair[1]}"
+        rules.append(hindsight)
+        for key, r in pairs[best_pair]:
+            per[hindsight].append(r)
+            by_regime[key][hindsight].append(r)
     regimes = []
     for key, d in sorted(by_regime.items()):
         regimes.append({"model": key[0], "dataset": key[1], "sparsity": key[2],
