@@ -773,7 +773,7 @@ def test_wrong_channel_count_names_the_first_layer(resnet20_pair, method):
     with the wrong channel count by name before changing anything."""
     dense, pruned, _ = resnet20_pair
     gray = torch.randn(4, 1, 32, 32)
-    _refused(pruned, method, gray, r"1 channels but the pruned model's first layer 'conv1' "
+    _refused(pruned, method, gray, r"1 channel but the pruned model's first layer 'conv1' "
              r"\(Conv2d\) expects 3", dense=dense)
 
 

@@ -467,14 +467,14 @@ def no_work(monkeypatch):
     ({"move_factor": 10**400}, ValueError, "move_factor must be a finite number > 1"),
     ({"layer_sweeps": True}, ValueError, "layer_sweeps must be an int >= 0"),
     ({"calibration": torch.zeros(0, 3, 8, 8)}, ValueError, "empty"),
-    ({"scoring": torch.zeros(0, 3, 8, 8)}, ValueError, "scoring images: .*empty"),
+    ({"scoring": torch.zeros(0, 3, 8, 8)}, ValueError, "^scoring set is empty"),
     ({"scoring": "overlap"}, ValueError, "also calibration images.*scoring_set"),
     ({"scoring": torch.zeros(4, 3, 16, 16)}, ValueError, "draw both from one data set"),
     ({"calibration": "labeled"}, TypeError, "label-free"),
     ({"calibration": "huge"}, ValueError, "calibration images overflow the model's dtype"),
     ({"scoring": "huge"}, ValueError, "scoring images overflow the model's dtype"),
     ({"calibration": "gray", "scoring": "gray"}, ValueError,
-     "images have 1 channels but the dense model's first layer 'conv1' .* expects 3"),
+     "images have 1 channel but the dense model's first layer 'conv1' .* expects 3"),
 ])
 def test_bad_input_is_refused_before_any_work(setting, no_work, change, error, match):
     dense, calib, scoring = setting

@@ -400,13 +400,15 @@ def test_report_transition_tables_tell_not_run_from_not_found(tmp_path, monkeypa
     erk = {"none": [30, 10, 10, 10], "bn_recal": [60, 30, 15, 12],
            "asr": [62, 33, 22, 14], "reconstruct": [80, 70, 50, 30]}
     lamp = {r: v for r, v in erk.items() if r != "reconstruct"}  # reconstruct never ran
-    report.write_report(study, _curve_rows({"erk": erk, "lamp": lamp}), tmp_path / "a")
+    out = report.write_report(study, _curve_rows({"erk": erk, "lamp": lamp}), tmp_path / "a")
+    assert "reconstruct" not in out["transition_by_repair"]["resnet8/digits/lamp"], "not run"
     text = (tmp_path / "a" / "report.md").read_text()
     assert "| resnet8/digits/lamp | 0.95 | not run | 0.95 |" in text, text
     assert "| resnet8/digits/lamp | 0.9 | 0.95 | 0.97 | - |" in text, "fails: - is not run"
 
     no_bn = {"erk": {r: v for r, v in erk.items() if r != "bn_recal"}}
-    report.write_report(study, _curve_rows(no_bn), tmp_path / "b")
+    out = report.write_report(study, _curve_rows(no_bn), tmp_path / "b")
+    assert out["transition_by_repair"]["resnet8/digits/erk"] is None, "not read, not nowhere"
     text = (tmp_path / "b" / "report.md").read_text()
     assert "- resnet8/digits/erk: not read: no bn_recal in these rows" in text, text
     assert "| resnet8/digits/erk | no bn_recal | no bn_recal | no bn_recal |" in text, text

@@ -552,7 +552,8 @@ def _probe(model: nn.Module, probe: torch.Tensor, role: str):
     def check(mod, inp, name, expected):
         if inp and inp[0] is probe and probe.shape[1] != expected:
             raise ValueError(
-                f"the calibration images have {probe.shape[1]} channels but the {role} model's "
+                f"the calibration images have {probe.shape[1]} channel"
+                f"{'s' * (probe.shape[1] != 1)} but the {role} model's "
                 f"first layer {name!r} ({type(mod).__name__}) expects {expected}")
 
     try:

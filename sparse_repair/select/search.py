@@ -242,7 +242,9 @@ def _check_inputs(dense, sparsity, calibration, scoring, repair_name, repair_opt
     try:
         score = as_image_tensor(scoring)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"scoring images: {e}".replace("calibration", "scoring")) from None
+        # The message names "calibration" (as_image_tensor serves repair): renamed, not
+        # prefixed, so it does not read "scoring images: scoring set is empty".
+        raise type(e)(str(e).replace("calibration", "scoring")) from None
     if calib.shape[1:] != score.shape[1:]:
         raise ValueError(f"calibration images are {tuple(calib.shape[1:])} but scoring images "
                          f"{tuple(score.shape[1:])}; draw both from one data set and resolution")

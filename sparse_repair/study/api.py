@@ -148,7 +148,8 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     not drawn, e.g. a store written before per-layer data was kept], "runs_done",
     "runs_total": int, "transition": {"model/dataset/allocation": (lo, hi) or None},
     "transition_by_repair": {"model/dataset/allocation": {repair: [sparsities where that
-    recovering repair alone recovers while bn_recal fails]}}, "fails_from":
+    recovering repair alone recovers while bn_recal fails; [] = nowhere on the grid]} (no key
+    for a repair not run there; None for a curve without bn_recal)}, "fails_from":
     {"model/dataset/allocation": {repair: first grid sparsity below 2 x chance, as text}},
     "selection": {criterion: select.evidence.summarize(rows, criterion)} or None (no
     label-free scores)}.

@@ -214,7 +214,11 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     return {"report": str(out / "report.md"), "plots": plots, "skipped": skipped,
             "runs_done": runs_done, "runs_total": runs_total,
             "transition": {"/".join(k): v for k, v in regimes.items()},
-            "transition_by_repair": {"/".join(k): v for k, v in by_repair.items()},
+            # None where the curve has no bn_recal: no transition can be read there, which an
+            # empty list ("found nowhere") would misstate; a repair not run has no key.
+            "transition_by_repair": {"/".join(k): (v if any("bn_recal" in t for t in
+                                                            curves[k].values()) else None)
+                                     for k, v in by_repair.items()},
             "fails_from": {"/".join(k): v for k, v in fails.items()},
             "selection": ({c: selection_evidence.summarize(rows, c, plan)
                            for c in selection_evidence.CRITERIA}
