@@ -123,3 +123,17 @@ def test_a_plan_naming_a_candidate_no_row_has_leaves_no_complete_selection():
     assert "0 complete selections in 0 regimes (2 selections still missing candidates " \
            "left out); goal n/a" in md, md
     assert E.summarize(rows, "agreement")["n_selections"] == 2, "default plan: the rows' own"
+
+
+def test_the_report_also_judges_selection_among_the_seed_papers_two_allocations():
+    """With a better uniform candidate the full choice is uniform+reconstruct; narrowed to ERK
+    and LAMP (the seed paper's question) the same rule picks among those alone, and the
+    hindsight pair is LAMP's. Without LAMP rows there is no such line."""
+    table = dict(GOOD)
+    table[("uniform", "reconstruct")] = (65.0, 0.9, 50.0)
+    md = "\n".join(E.markdown(_rows(0, table) + _rows(1, table)))
+    assert "Among ERK and LAMP only (2 complete selections in 1 regimes" in md, md
+    assert "- hindsight: lamp+reconstruct: 100% of 1, 0.00 / 0.00" in md, md
+    assert "- hindsight: uniform+reconstruct" not in md.split("Among ERK")[1]
+    no_lamp = {k: v for k, v in table.items() if k[0] != "lamp"}
+    assert "Among ERK" not in "\n".join(E.markdown(_rows(0, no_lamp)))

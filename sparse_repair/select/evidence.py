@@ -227,4 +227,31 @@ def markdown(rows: list[dict], complete: bool = True, plan: Plan | None = None) 
                "mean [min] over selections: " + "; ".join(
                    f"{k} {v['spearman_mean']:.3f} [{v['spearman_min']:.3f}] (n={v['n']})"
                    for k, v in c.items() if v["n"]), ""]
+        md += _restricted(rows, crit, plan, PAPER_ALLOCATIONS)
     return md
+
+
+# The seed paper's two allocations: its question is which of them to use, and a user who
+# narrows select to them (--allocations erk,lamp) faces closer candidates than the full grid.
+PAPER_ALLOCATIONS = ("erk", "lamp")
+
+
+def _restricted(rows: list[dict], criterion: str, plan: Plan | None,
+                allocations: tuple[str, ...]) -> list[str]:
+    """One line per rule of the same evidence with the candidates narrowed to ``allocations``
+    (rows and plan filtered alike); nothing when no complete selection has them all."""
+    keep = [r for r in rows if r["allocation"] in allocations]
+    sub = None if plan is None else {k: {c for c in v if c[0] in allocations}
+                                     for k, v in plan.items()}
+    s = summarize(keep, criterion, sub)
+    if s["n_selections"] == 0 or len({c["allocation"] for c in keep}) < len(allocations):
+        return []
+    md = [f"Among {' and '.join(a.upper() for a in allocations)} only ({s['n_selections']} "
+          f"complete selections in {s['n_regimes']} regimes; rule: within {WITHIN_PT} pt "
+          f"(regimes), mean / worst regret):"]
+    for rule, d in s["rules"].items():
+        g = d["per_regime"]
+        if g["n"]:
+            md.append(f"- {rule}: {g['hit']:.0%} of {g['n']}, {g['mean']:.2f} / "
+                      f"{g['worst']:.2f}")
+    return md + [""]
