@@ -379,6 +379,38 @@ def test_report_judges_selection_only_on_seeds_with_every_planned_candidate(
     assert out["selection"]["kl"]["n_incomplete"] == 3 * len(SPARS)
 
 
+def test_best_allocation_names_the_leader_its_lead_and_whether_the_lead_is_resolved(
+        tmp_path, monkeypatch):
+    """Three allocations, three seeds. At 0.8 uniform leads lamp by 2 pt in every seed
+    (resolved: *); at 0.9 erk leads lamp by 0.1 on average with seed noise of +-1 (not
+    resolved); at 0.95 only erk ran. The flagged best never changes: one flagged cell."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    top1 = {("erk", 0.8): 50.0, ("lamp", 0.8): 58.0, ("uniform", 0.8): 60.0,
+            ("erk", 0.9): 40.1, ("lamp", 0.9): 40.0, ("uniform", 0.9): 30.0, ("erk", 0.95): 20.0}
+    noise = {("erk", 0.9): [1.0, -1.0, 0.0]}
+    rows = [{"model": "resnet8", "dataset": "digits", "allocation": a, "sparsity": sp,
+             "repair": "bn_recal", "seed": k, "top1": v + noise.get((a, sp), [0.0] * 3)[k],
+             "dense_top1": 90.0, "run_id": f"{a}{sp}{k}"}
+            for (a, sp), v in top1.items() for k in range(3)]
+    best = report.best_allocations(rows)[("resnet8", "digits", "bn_recal")]
+    assert best[0.8] == {"best": "uniform", "runner_up": "lamp", "margin": pytest.approx(2.0),
+                         "lo": pytest.approx(2.0), "hi": pytest.approx(2.0), "n": 3,
+                         "ahead": True, "allocations": 3}
+    assert (best[0.9]["best"], best[0.9]["runner_up"], best[0.9]["ahead"]) == \
+        ("erk", "lamp", False)
+    assert best[0.9]["lo"] < 0 < best[0.9]["hi"]
+    assert best[0.95]["runner_up"] is None and best[0.95]["allocations"] == 1
+    study = load_study(_study(tmp_path, sparsities=(0.8, 0.9, 0.95), seeds=range(3),
+                              repairs=("none", "bn_recal")))
+    out = report.write_report(study, rows, tmp_path / "r")
+    assert out["best_allocation"]["resnet8/digits/bn_recal"][0.8]["best"] == "uniform"
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| resnet8/digits/bn_recal | uniform +2.00 * | erk +0.10 | erk (1 alloc) | 0 |" \
+        in text, text
+
+
 def test_fails_from_names_the_grid_start_and_a_curve_that_comes_back():
     from sparse_repair.study.report_writer import _fails_from
 

@@ -151,6 +151,8 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     recovering repair alone recovers while bn_recal fails; [] = nowhere on the grid]} (no key
     for a repair not run there; None for a curve without bn_recal)}, "fails_from":
     {"model/dataset/allocation": {repair: first grid sparsity below 2 x chance, as text}},
+    "best_allocation": {"model/dataset/repair": {sparsity: report_writer.best_allocations'
+    cell (best, runner_up, margin, lo, hi, n, ahead, allocations)}},
     "selection": {criterion: select.evidence.summarize(rows, criterion)} or None (no
     label-free scores)}.
     Raises FileNotFoundError / ValueError for a bad study file and ImportError (naming the

@@ -25,6 +25,7 @@ from .stats import (
     MIN_SEEDS_FOR_SIGNIFICANCE,
     describe_interval,
     paired_diffs,
+    paired_t_interval,
     span,
     transition_points,
 )
@@ -133,7 +134,8 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     ``store`` (a ``Store``) supplies the per-layer data of the per-layer plots; without it, or
     for runs without stored per-layer data, those plots are skipped and the report says why.
     Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition",
-    "transition_by_repair", "fails_from", "selection"} as ``api.report`` documents
+    "transition_by_repair", "fails_from", "best_allocation", "selection"} as ``api.report``
+    documents
     ("selection": ``select.evidence.summarize`` per criterion, None when no row has label-free
     scores)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +203,8 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     md += ["", f"## Preferred allocation (only where LAMP - ERK is significant: {LEVEL:.0%} "
            f"t-interval excludes 0 with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds)", ""]
     md += _preferred(alloc_diffs)
+    best = best_allocations(rows)
+    md += _best_allocation_section(best, _repair_order(study, cells))
     md += _transition_section(curves, hits, by_repair, fails, _repair_order(study, cells))
     # Where the runs recorded label-free scores (scoring > 0), how well choosing by them works.
     plan = _planned_candidates(study, rows)
@@ -220,6 +224,7 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
                                                             curves[k].values()) else None)
                                      for k, v in by_repair.items()},
             "fails_from": {"/".join(k): v for k, v in fails.items()},
+            "best_allocation": {"/".join(k): v for k, v in best.items()},
             "selection": ({c: selection_evidence.summarize(rows, c, plan)
                            for c in selection_evidence.CRITERIA}
                           if selection_evidence.selections(rows) else None)}
@@ -398,6 +403,75 @@ def _preferred(alloc_diffs) -> list[str]:
         prefs.append(f"- none significant: the {LEVEL:.0%} t-interval includes 0 in every "
                      f"group with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds")
     return prefs or ["- no LAMP - ERK pairs in these rows"]
+
+
+# Short allocation names for the best-allocation table (registry name otherwise).
+ALLOC_SHORT = {"global_magnitude": "gm", "uniform_plus": "uniform+"}
+
+
+def best_allocations(rows: list[dict]) -> dict[tuple, dict[float, dict]]:
+    """The best allocation per (model, dataset, repair) and sparsity, among every allocation
+    the rows hold there: {(model, dataset, repair): {sparsity: {"best", "runner_up" (None when
+    one allocation), "margin" (best mean - runner-up mean, pt), "lo", "hi" (paired ``LEVEL``
+    t-interval of best - runner-up over their common seeds; None below 2), "n" (common seeds),
+    "ahead" (interval excludes 0 with >= ``AHEAD_MIN_SEEDS`` seeds), "allocations" (how many
+    were compared)}}}. Means are over each allocation's own seeds, as in the accuracy tables.
+    With more than two allocations this is the question the LAMP - ERK table asks of two: which
+    allocation a repair prefers, and whether that changes along the sparsity axis."""
+    per: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        key = (r["model"], r["dataset"], r["repair"], float(r["sparsity"]))
+        per[key][r["allocation"]][int(r["seed"])] = float(r["top1"])
+    out: dict[tuple, dict[float, dict]] = defaultdict(dict)
+    for (model, dataset, repair, sp), by_alloc in sorted(per.items()):
+        ranked = sorted(by_alloc, key=lambda a: (-np.mean(list(by_alloc[a].values())), a))
+        best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        cell = {"best": best, "runner_up": second, "margin": None, "lo": None, "hi": None,
+                "n": 0, "ahead": False, "allocations": len(ranked)}
+        if second is not None:
+            common = sorted(set(by_alloc[best]) & set(by_alloc[second]))
+            d = [by_alloc[best][k] - by_alloc[second][k] for k in common]
+            lo, hi, _ = paired_t_interval(d, LEVEL)
+            cell.update(margin=float(np.mean(list(by_alloc[best].values()))
+                                     - np.mean(list(by_alloc[second].values()))),
+                        lo=lo, hi=hi, n=len(common),
+                        ahead=bool(len(common) >= AHEAD_MIN_SEEDS and lo is not None and lo > 0))
+        out[(model, dataset, repair)][sp] = cell
+    return dict(out)
+
+
+def _best_allocation_section(best: dict[tuple, dict[float, dict]], repairs: list[str]
+                             ) -> list[str]:
+    """``best_allocations`` as a table: a row per model/dataset/repair, a column per sparsity,
+    cells "<best> +<margin over the runner-up>" with "*" where the best is ahead (interval
+    excludes 0, >= ``AHEAD_MIN_SEEDS`` seeds) and "(k alloc)" where fewer allocations were
+    compared than elsewhere in the table; then how often the flagged best changes along the
+    sparsity axis."""
+    if not best:
+        return []
+    most = max(c["allocations"] for cells in best.values() for c in cells.values())
+    grid = sorted({s for cells in best.values() for s in cells})
+    order = {r: i for i, r in enumerate(repairs)}
+    table = []
+    for (model, dataset, repair), cells in sorted(
+            best.items(), key=lambda kv: (kv[0][:2], order.get(kv[0][2], len(order)), kv[0])):
+        row: dict[str, object] = {"group": f"{model}/{dataset}/{repair}"}
+        for s in grid:
+            c = cells.get(s)
+            row[str(s)] = "-" if c is None else (
+                ALLOC_SHORT.get(c["best"], c["best"])
+                + ("" if c["margin"] is None else f" {c['margin']:+.2f}")
+                + (" *" if c["ahead"] else "")
+                + (f" ({c['allocations']} alloc)" if c["allocations"] < most else ""))
+        ahead = [(s, c["best"]) for s, c in sorted(cells.items()) if c["ahead"]]
+        row["changes of the flagged best"] = sum(p[1] != q[1] for p, q in zip(ahead, ahead[1:]))
+        table.append(row)
+    names = sorted({c["best"] for cells in best.values() for c in cells.values()})
+    legend = ", ".join(f"{ALLOC_SHORT[n]} = {n}" for n in names if n in ALLOC_SHORT)
+    return ["", f"## Best allocation per repair (mean top-1 over seeds; + = lead over the "
+            f"runner-up, pt; * = ahead: {LEVEL:.0%} paired t-interval of best - runner-up "
+            f"excludes 0 with >= {AHEAD_MIN_SEEDS} seeds{'; ' + legend if legend else ''})", ""
+            ] + _md_table(pd.DataFrame(table))
 
 
 def _repair_order(study: Study, cells: pd.DataFrame) -> list[str]:
