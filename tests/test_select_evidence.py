@@ -137,3 +137,33 @@ def test_the_report_also_judges_selection_among_the_seed_papers_two_allocations(
     assert "- hindsight: uniform+reconstruct" not in md.split("Among ERK")[1]
     no_lamp = {k: v for k, v in table.items() if k[0] != "lamp"}
     assert "Among ERK" not in "\n".join(E.markdown(_rows(0, no_lamp)))
+
+
+def test_the_hindsight_pair_is_ranked_by_the_mean_over_regimes_the_report_shows():
+    """A study still running has regimes with unequal seed counts: here 0.9 has three seeds,
+    0.95 one. lamp+bn_recal has regrets 0, 0, 0, 3 (mean 0.75 per seed, 1.5 per regime),
+    erk+bn_recal 1.2, 1.2, 1.2, 0 (0.9 per seed, 0.6 per regime). The report's mean regret
+    and the goal are per regime, so the best fixed pair in hindsight is erk+bn_recal: ranked
+    per seed, the ceiling of fixed pairs would read 1.50 next to a fixed pair at 0.60."""
+    def table(lamp_bn, erk_bn):
+        return {("erk", "reconstruct"): (40.0, 1.0, 50.0),
+                ("lamp", "bn_recal"): (lamp_bn, 1.1, 49.0),
+                ("erk", "bn_recal"): (erk_bn, 1.2, 48.0)}
+    rows = [r for seed in range(3) for r in _rows(seed, table(50.0, 48.8))] \
+        + _rows(0, table(47.0, 50.0), sparsity=0.95)
+    s = E.summarize(rows, "kl")
+    assert [r for r in s["rules"] if r.startswith("hindsight")] == ["hindsight: erk+bn_recal"]
+    h = s["rules"]["hindsight: erk+bn_recal"]["per_regime"]["mean"]
+    assert h == pytest.approx(0.6)
+    assert all(d["per_regime"]["mean"] >= h - 1e-9 for rule, d in s["rules"].items()
+               if "+" in rule and not rule.startswith("hindsight")), "no fixed pair beats it"
+
+
+def test_there_is_no_hindsight_pair_when_no_pair_is_in_every_selection():
+    """The hindsight pair must be judged on every complete selection: when one model's
+    candidates share no pair with the other's, no single pair could be used throughout."""
+    r56 = {("uniform", "asr"): (50.0, 1.0, 50.0), ("uniform", "none"): (20.0, 3.0, 30.0)}
+    s = E.summarize(_rows(0, GOOD) + _rows(0, r56, model="resnet56"), "kl")
+    assert not [r for r in s["rules"] if r.startswith("hindsight")]
+    assert s["n_selections"] == 2 and s["rules"]["select"]["per_regime"]["n"] == 2
+
