@@ -167,3 +167,25 @@ def test_there_is_no_hindsight_pair_when_no_pair_is_in_every_selection():
     assert not [r for r in s["rules"] if r.startswith("hindsight")]
     assert s["n_selections"] == 2 and s["rules"]["select"]["per_regime"]["n"] == 2
 
+
+def test_the_erk_and_lamp_evidence_counts_only_selections_holding_both():
+    """A selection with ERK candidates alone offers no choice between the seed paper's two
+    allocations: ResNet-56 here has no LAMP row, so only ResNet-20's selection is judged, and
+    with ERK on one model and LAMP on the other there is nothing to report at all."""
+    erk_only = {k: v for k, v in GOOD.items() if k[0] == "erk"}
+    lamp_only = {k: v for k, v in GOOD.items() if k[0] == "lamp"}
+    md = "\n".join(E.markdown(_rows(0, GOOD) + _rows(0, erk_only, model="resnet56")))
+    assert "Among ERK and LAMP only (1 complete selections in 1 regimes" in md, md
+    md = "\n".join(E.markdown(_rows(0, lamp_only) + _rows(0, erk_only, model="resnet56")))
+    assert "Among ERK" not in md, md
+
+
+def test_a_report_without_a_complete_selection_has_no_empty_tables():
+    """With every seed still missing a planned candidate there is nothing to tabulate: the
+    heading says so, and no table header or correlation line stands over nothing."""
+    plan = {("resnet20", "cifar10"): set(GOOD) | {("global_magnitude", "reconstruct")}}
+    md = E.markdown(_rows(0, GOOD) + _rows(1, GOOD), complete=False, plan=plan)
+    text = "\n".join(md)
+    assert "0 complete selections in 0 regimes" in text, text
+    assert "| rule |" not in text and "| model |" not in text, text
+    assert "Spearman" not in text, text

@@ -217,29 +217,35 @@ def markdown(rows: list[dict], complete: bool = True, plan: Plan | None = None) 
         left = (f" ({s['n_incomplete']} selection{'s' * (s['n_incomplete'] != 1)} still "
                 f"missing candidates left out)" if s["n_incomplete"] else "")
         md += [f"### criterion `{crit}`: {s['n_selections']} complete selections in "
-               f"{s['n_regimes']} regimes{left}; goal {goal}", "",
-               f"| rule | within {WITHIN_PT} pt (regimes) | mean regret | worst regret | "
-               f"within {WITHIN_PT} pt (single seeds) | worst single |",
-               "|---|---|---|---|---|---|"]
-        for rule, d in s["rules"].items():
-            g, p = d["per_regime"], d["per_seed"]
-            if g["n"] == 0:
-                continue
-            md.append(f"| {rule} | {g['hit']:.0%} of {g['n']} | {g['mean']:.2f} | "
-                      f"{g['worst']:.2f} | {p['hit']:.0%} of {p['n']} | {p['worst']:.2f} |")
-        md += ["", "| model | dataset | sparsity | seeds | candidates | select regret | choices |",
-               "|---|---|---|---|---|---|---|"]
-        for g in s["regimes"]:
-            md.append(f"| {g['model']} | {g['dataset']} | {g['sparsity']:g} | {g['seeds']} | "
-                      f"{g['candidates']} | {g['select']:.2f} | "
-                      f"{', '.join(sorted(set(g['choices'])))} |")
-        c = s["correlation"]
-        md += ["", "Spearman rank correlation with true top-1 within a selection (KL negated), "
-               "mean [min] over selections: " + "; ".join(
-                   f"{k} {v['spearman_mean']:.3f} [{v['spearman_min']:.3f}] (n={v['n']})"
-                   for k, v in c.items() if v["n"]), ""]
+               f"{s['n_regimes']} regimes{left}; goal {goal}", ""]
+        if s["n_selections"]:  # no empty tables under "0 complete selections"
+            md += _tables(s)
         md += _restricted(rows, crit, plan, PAPER_ALLOCATIONS)
     return md
+
+
+def _tables(s: dict) -> list[str]:
+    """The rule table, the regime table and the rank correlations of one ``summarize``."""
+    md = [f"| rule | within {WITHIN_PT} pt (regimes) | mean regret | worst regret | "
+          f"within {WITHIN_PT} pt (single seeds) | worst single |", "|---|---|---|---|---|---|"]
+    for rule, d in s["rules"].items():
+        g, p = d["per_regime"], d["per_seed"]
+        if g["n"] == 0:
+            continue
+        md.append(f"| {rule} | {g['hit']:.0%} of {g['n']} | {g['mean']:.2f} | "
+                  f"{g['worst']:.2f} | {p['hit']:.0%} of {p['n']} | {p['worst']:.2f} |")
+    md += ["", "| model | dataset | sparsity | seeds | candidates | select regret | choices |",
+           "|---|---|---|---|---|---|---|"]
+    for g in s["regimes"]:
+        md.append(f"| {g['model']} | {g['dataset']} | {g['sparsity']:g} | {g['seeds']} | "
+                  f"{g['candidates']} | {g['select']:.2f} | "
+                  f"{', '.join(sorted(set(g['choices'])))} |")
+    corr = [f"{k} {v['spearman_mean']:.3f} [{v['spearman_min']:.3f}] (n={v['n']})"
+            for k, v in s["correlation"].items() if v["n"]]
+    if corr:  # none when every selection has <= 2 candidates or a constant top-1 / score
+        md += ["", "Spearman rank correlation with true top-1 within a selection (KL negated), "
+               "mean [min] over selections: " + "; ".join(corr)]
+    return md + [""]
 
 
 # The seed paper's two allocations: its question is which of them to use, and a user who
@@ -250,12 +256,18 @@ PAPER_ALLOCATIONS = ("erk", "lamp")
 def _restricted(rows: list[dict], criterion: str, plan: Plan | None,
                 allocations: tuple[str, ...]) -> list[str]:
     """One line per rule of the same evidence with the candidates narrowed to ``allocations``
-    (rows and plan filtered alike); nothing when no complete selection has them all."""
+    (rows and plan filtered alike), from the selections holding every one of them (one with
+    a single allocation offers no choice between them); nothing when no complete selection
+    has them all."""
     keep = [r for r in rows if r["allocation"] in allocations]
+    both = {k for k, cands in selections(keep).items()
+            if {c["allocation"] for c in cands} >= set(allocations)}
+    keep = [r for r in keep
+            if (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"])) in both]
     sub = None if plan is None else {k: {c for c in v if c[0] in allocations}
                                      for k, v in plan.items()}
     s = summarize(keep, criterion, sub)
-    if s["n_selections"] == 0 or len({c["allocation"] for c in keep}) < len(allocations):
+    if s["n_selections"] == 0:
         return []
     md = [f"Among {' and '.join(a.upper() for a in allocations)} only ({s['n_selections']} "
           f"complete selections in {s['n_regimes']} regimes; rule: within {WITHIN_PT} pt "
