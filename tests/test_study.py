@@ -411,6 +411,29 @@ def test_best_allocation_names_the_leader_its_lead_and_whether_the_lead_is_resol
         in text, text
 
 
+def test_report_plans_selection_candidates_only_from_runs_that_record_label_free_scores(
+        tmp_path, monkeypatch):
+    """A [[models]] table may sweep more allocations of the same model without scoring: its
+    uniform runs record no agreement or KL, so they are never candidates of a selection, and
+    planning them would leave every seed of the scored ERK and LAMP runs incomplete."""
+    from sparse_repair.study import report_writer as report
+
+    monkeypatch.setattr(report, "_plots", lambda *a, **k: [])
+    f = _study(tmp_path, sparsities=SPARS, seeds=range(3), repairs=("none", "bn_recal"))
+    text = f.read_text().replace('allocations = ["erk", "lamp"]',
+                                 'allocations = ["erk", "lamp"]\nscoring = 64')
+    f.write_text(text + text[text.index("[[models]]"):].replace(
+        "[[models]]", '[[models]]\nallocations = ["uniform"]\nscoring = 0'))
+    study = load_study(f)
+    curves = {"none": [30, 10, 10, 10], "bn_recal": [60, 30, 15, 12]}
+    ids = {(cfg.allocation, cfg.sparsity, cfg.seed): rid for rid, cfg in study.runs}
+    rows = [dict(r, run_id=ids[(r["allocation"], r["sparsity"], r["seed"])],
+                 **({"agreement": None, "kl": None} if r["allocation"] == "uniform" else
+                    {"agreement": r["top1"], "kl": 1.0 / r["top1"]}))
+            for r in _curve_rows({"erk": curves, "lamp": curves, "uniform": curves})]
+    sel = report.write_report(study, rows, tmp_path / "r")["selection"]["kl"]
+    assert (sel["n_selections"], sel["n_incomplete"]) == (3 * len(SPARS), 0), sel
+
 def test_fails_from_names_the_grid_start_and_a_curve_that_comes_back():
     from sparse_repair.study.report_writer import _fails_from
 

@@ -257,7 +257,9 @@ def _planned_candidates(study: Study, rows: list[dict]) -> dict[tuple[str, str],
     ``run_id``): the candidates of the study's runs that differ from a row's run only in the
     seed, the allocation and the repair list. The selection evidence counts a seed's
     selection only once all of these are in, and this plan also knows the allocations that
-    no run has reached yet."""
+    no run has reached yet. Only rows with label-free scores plan: a run without them (e.g.
+    of a [[models]] table with scoring = 0) never yields a candidate, so the candidates it
+    plans would leave every selection incomplete."""
     by_key: dict[str, set] = defaultdict(set)
     ids = {}
     for rid, cfg in study.runs:
@@ -268,7 +270,7 @@ def _planned_candidates(study: Study, rows: list[dict]) -> dict[tuple[str, str],
         ids[rid] = key
     plan: dict[tuple[str, str], set] = defaultdict(set)
     for r in rows:
-        if r["run_id"] in ids:
+        if r["run_id"] in ids and r.get("agreement") is not None and r.get("kl") is not None:
             plan[(r["model"], r["dataset"])] |= by_key[ids[r["run_id"]]]
     return dict(plan)
 
