@@ -407,7 +407,7 @@ def test_best_allocation_names_the_leader_its_lead_and_whether_the_lead_is_resol
     out = report.write_report(study, rows, tmp_path / "r")
     assert out["best_allocation"]["resnet8/digits/bn_recal"][0.8]["best"] == "uniform"
     text = (tmp_path / "r" / "report.md").read_text()
-    assert "| resnet8/digits/bn_recal | uniform +2.00 * | erk +0.10 | erk (1 alloc) | 0 |" \
+    assert "| resnet8/digits/bn_recal | **uniform +2.00** | erk +0.10 | erk (1 alloc) | 0 |" \
         in text, text
 
 

@@ -445,7 +445,7 @@ def best_allocations(rows: list[dict]) -> dict[tuple, dict[float, dict]]:
 def _best_allocation_section(best: dict[tuple, dict[float, dict]], repairs: list[str]
                              ) -> list[str]:
     """``best_allocations`` as a table: a row per model/dataset/repair, a column per sparsity,
-    cells "<best> +<margin over the runner-up>" with "*" where the best is ahead (interval
+    cells "<best> +<margin over the runner-up>", bold where the best is ahead (interval
     excludes 0, >= ``AHEAD_MIN_SEEDS`` seeds) and "(k alloc)" where fewer allocations were
     compared than elsewhere in the table; then how often the flagged best changes along the
     sparsity axis."""
@@ -460,18 +460,21 @@ def _best_allocation_section(best: dict[tuple, dict[float, dict]], repairs: list
         row: dict[str, object] = {"group": f"{model}/{dataset}/{repair}"}
         for s in grid:
             c = cells.get(s)
-            row[str(s)] = "-" if c is None else (
-                ALLOC_SHORT.get(c["best"], c["best"])
-                + ("" if c["margin"] is None else f" {c['margin']:+.2f}")
-                + (" *" if c["ahead"] else "")
-                + (f" ({c['allocations']} alloc)" if c["allocations"] < most else ""))
+            if c is None:
+                row[str(s)] = "-"
+                continue
+            lead = ALLOC_SHORT.get(c["best"], c["best"]) + \
+                ("" if c["margin"] is None else f" {c['margin']:+.2f}")
+            # bold, not "*": elsewhere in the report "*" is the significance flag (>= 5 seeds)
+            row[str(s)] = (f"**{lead}**" if c["ahead"] else lead) + \
+                (f" ({c['allocations']} alloc)" if c["allocations"] < most else "")
         ahead = [(s, c["best"]) for s, c in sorted(cells.items()) if c["ahead"]]
         row["changes of the flagged best"] = sum(p[1] != q[1] for p, q in zip(ahead, ahead[1:]))
         table.append(row)
     names = sorted({c["best"] for cells in best.values() for c in cells.values()})
     legend = ", ".join(f"{ALLOC_SHORT[n]} = {n}" for n in names if n in ALLOC_SHORT)
     return ["", f"## Best allocation per repair (mean top-1 over seeds; + = lead over the "
-            f"runner-up, pt; * = ahead: {LEVEL:.0%} paired t-interval of best - runner-up "
+            f"runner-up, pt; bold = ahead: {LEVEL:.0%} paired t-interval of best - runner-up "
             f"excludes 0 with >= {AHEAD_MIN_SEEDS} seeds{'; ' + legend if legend else ''})", ""
             ] + _md_table(pd.DataFrame(table))
 
