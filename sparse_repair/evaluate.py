@@ -97,7 +97,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
     return torch.cat(out)
 
 
-def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[str, float]:
+def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_image: bool = False
+                      ) -> dict:
     """How closely a pruned model follows its dense parent on the same images, without labels.
 
     Args:
@@ -108,7 +109,9 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[
         higher is better), "kl": mean over images of KL(p_dense || p_pruned) in nats (>= 0,
         lower is better; the distillation objective of Hinton et al. 2015, so a pruned model
         scores well only where it reproduces the dense model's full softmax, not just its
-        argmax)}. Computed in float64.
+        argmax)}. Computed in float64. With ``per_image=True`` also "per_image": {"agreement":
+        float64 [N] of 0.0 or 100.0, "kl": float64 [N] in nats}, the values whose means these
+        are (``select`` pairs them to tell whether its choice beats the runner-up).
     Raises:
         ValueError: shapes differ, are not [N, K] with N >= 1, or a logit is NaN/Inf (a
             collapsed model is scored as such by the caller, never as NaN).
@@ -125,7 +128,10 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor) -> dict[
                              f"on these images (check its weights with torch.isfinite)")
     logp = torch.log_softmax(logits.double(), dim=1)
     logq = torch.log_softmax(dense_logits.double(), dim=1)
-    kl = (logq.exp() * (logq - logp)).sum(1).mean()
+    kl_each = (logq.exp() * (logq - logp)).sum(1)
+    same = logits.argmax(1) == dense_logits.argmax(1)
     # count * 100 / n, not mean * 100: 472 of 1,000 is 47.2, not 47.199999999999996
-    agree = int((logits.argmax(1) == dense_logits.argmax(1)).sum())
-    return {"agreement": agree * 100.0 / logits.shape[0], "kl": float(kl)}
+    out = {"agreement": int(same.sum()) * 100.0 / logits.shape[0], "kl": float(kl_each.mean())}
+    if per_image:
+        out["per_image"] = {"agreement": same.double().cpu() * 100.0, "kl": kl_each.cpu()}
+    return out

@@ -164,6 +164,35 @@ def test_choose_breaks_ties_by_the_other_score_then_candidate_order():
     assert select_api.choose([c(None, None, "x")], "kl") is None
 
 
+def test_choice_margin_pairs_the_choice_with_the_runner_up_image_by_image():
+    """Agreement: the choice (candidate 1) agrees with the dense model on images 0-2 of 4, the
+    runner-up (candidate 0) on 0-1, a third candidate on none. The difference is image by image (+25 pt here, the means' difference),
+    signed so that > 0 favours the choice; the interval of 4 paired images includes 0. KL is
+    signed the other way round (lower is better). A single scored candidate has no margin."""
+    import torch
+
+    def c(agreement, kl, error=None):
+        return {"allocation": "a", "repair": "r", "agreement": agreement, "kl": kl,
+                "error": error}
+
+    cands = [c(50.0, 0.5), c(75.0, 0.4), c(0.0, 2.0), c(None, None, "failed")]
+    each = [{"agreement": torch.tensor([100.0, 100, 0, 0]),
+             "kl": torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)},
+            {"agreement": torch.tensor([100.0, 100, 100, 0]),
+             "kl": torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64)},
+            {"agreement": torch.zeros(4), "kl": torch.full((4,), 2.0, dtype=torch.float64)},
+            None]
+    m = select_api.choice_margin(cands, each, 1, "agreement")
+    assert m["runner_up"] == {"allocation": "a", "repair": "r"} and m["n"] == 4
+    assert m["difference"] == pytest.approx(25.0) and m["criterion"] == "agreement"
+    assert m["ci95"][0] < 0 < m["ci95"][1] and m["resolved"] is False
+    k = select_api.choice_margin(cands, each, 1, "kl")  # 0.1 nats lower on every image
+    assert k["difference"] == pytest.approx(0.1) and k["ci95"] == pytest.approx([0.1, 0.1])
+    assert k["resolved"] is True
+    assert select_api.choice_margin(cands[:1], each[:1], 0, "kl") is None
+    assert select_api.choice_margin(cands, each, None, "kl") is None
+
+
 # ----------------------------------------------------------------------------- results
 
 def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
@@ -196,6 +225,17 @@ def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
     assert rules["erk+bn_recal"]["choice"] == {"allocation": "erk", "repair": "bn_recal"}
     assert rules["always lamp"]["choice"]["allocation"] == "lamp"
     assert rules["always bn_recal"]["choice"]["repair"] == "bn_recal"
+    # the margin: the runner-up is the best of the others by the same rule, and the paired
+    # difference of means equals the difference of the candidates' own scores
+    m = d["margin"]
+    others = [c for c in d["candidates"] if {"allocation": c["allocation"],
+                                              "repair": c["repair"]} != d["choice"]]
+    runner = min(others, key=lambda c: (c["kl"], -c["agreement"]))
+    assert m["runner_up"] == {"allocation": runner["allocation"], "repair": runner["repair"]}
+    assert m["n"] == BASE["scoring"] and m["difference"] > 0
+    assert m["difference"] == pytest.approx(runner["kl"] - chosen["kl"])
+    assert m["ci95"][0] <= m["difference"] <= m["ci95"][1]
+    assert m["resolved"] == (m["ci95"][0] > 0)
 
 
 def test_no_label_reaches_the_choice(evaluated, blind):
@@ -289,6 +329,7 @@ def test_cli_table_marks_the_choice_and_reports_regrets(capsys):
     marked = [line for line in out.splitlines() if line.startswith("* ")]
     assert len(marked) == 1 and "lamp" in marked[0]
     assert "regret of the choice" in out and "lamp+bn_recal" in out
+    assert "margin over the runner-up lamp + " in out and "scoring images: " in out
     assert "always erk" in out and "not among the candidates" in out
 
 
