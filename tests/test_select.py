@@ -149,7 +149,7 @@ def test_shared_settings_are_runconfig_s_own_and_defaults_cover_every_candidate(
     cfg = SelectConfig()
     assert cfg.allocations == list_allocators() and cfg.repairs == list_repairs()
     assert (cfg.calib, cfg.scoring, cfg.criterion, cfg.evaluate, cfg.n_eval) == \
-        (1024, 1000, "kl", False, None)
+        (1024, 1000, "agreement", False, None)
 
 
 def test_choose_breaks_ties_by_the_other_score_then_candidate_order():
@@ -166,9 +166,10 @@ def test_choose_breaks_ties_by_the_other_score_then_candidate_order():
 
 def test_choice_margin_pairs_the_choice_with_the_runner_up_image_by_image():
     """Agreement: the choice (candidate 1) agrees with the dense model on images 0-2 of 4, the
-    runner-up (candidate 0) on 0-1, a third candidate on none. The difference is image by image (+25 pt here, the means' difference),
-    signed so that > 0 favours the choice; the interval of 4 paired images includes 0. KL is
-    signed the other way round (lower is better). A single scored candidate has no margin."""
+    runner-up (candidate 0) on 0-1, a third candidate on none. The difference is image by
+    image (+25 pt here, the means' difference), signed so that > 0 favours the choice; the
+    interval of 4 paired images includes 0. KL is signed the other way round (lower is
+    better). A single scored candidate has no margin."""
     import torch
 
     def c(agreement, kl, error=None):
@@ -199,7 +200,7 @@ def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
     d = json.loads(json.dumps(evaluated.to_dict(), allow_nan=False))  # no NaN anywhere
     assert set(d) >= {"choice", "criterion", "candidates", "seconds", "config", "regret",
                       "fixed_rules", "best", "dense_top1", "n_eval"}
-    assert d["criterion"] == "kl" and d["n_eval"] == 364  # the full digits test split
+    assert d["criterion"] == "agreement" and d["n_eval"] == 364  # the full digits test split
     assert [(c["allocation"], c["repair"]) for c in d["candidates"]] == \
         [(a, r) for a in BASE["allocations"] for r in BASE["repairs"]]
     for c in d["candidates"]:
@@ -207,7 +208,7 @@ def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
         assert c["seconds"] > 0 and 0 <= c["top1"] <= 100
     chosen = next(c for c in d["candidates"]
                   if {"allocation": c["allocation"], "repair": c["repair"]} == d["choice"])
-    assert chosen["kl"] == min(c["kl"] for c in d["candidates"])
+    assert chosen["agreement"] == max(c["agreement"] for c in d["candidates"])
     best = max(c["top1"] for c in d["candidates"])
     assert d["best"]["top1"] == best
     assert d["regret"] >= 0 and d["regret"] == pytest.approx(best - chosen["top1"])
@@ -230,10 +231,10 @@ def test_json_has_the_required_fields_and_regrets_add_up(evaluated):
     m = d["margin"]
     others = [c for c in d["candidates"] if {"allocation": c["allocation"],
                                               "repair": c["repair"]} != d["choice"]]
-    runner = min(others, key=lambda c: (c["kl"], -c["agreement"]))
+    runner = min(others, key=lambda c: (-c["agreement"], c["kl"]))
     assert m["runner_up"] == {"allocation": runner["allocation"], "repair": runner["repair"]}
-    assert m["n"] == BASE["scoring"] and m["difference"] > 0
-    assert m["difference"] == pytest.approx(runner["kl"] - chosen["kl"])
+    assert m["n"] == BASE["scoring"] and m["difference"] >= 0
+    assert m["difference"] == pytest.approx(chosen["agreement"] - runner["agreement"])
     assert m["ci95"][0] <= m["difference"] <= m["ci95"][1]
     assert m["resolved"] == (m["ci95"][0] > 0)
 
@@ -282,7 +283,7 @@ def test_a_failing_candidate_is_reported_and_never_chosen(evaluated, monkeypatch
         and c["agreement"] is None and c["kl"] is None for c in failed)
     assert result.choice is not None and result.choice["repair"] != failing
     rest = [c for c in evaluated.candidates if c["repair"] != failing]
-    want = min(rest, key=lambda c: (c["kl"], -c["agreement"]))
+    want = min(rest, key=lambda c: (-c["agreement"], c["kl"]))
     assert result.choice == {"allocation": want["allocation"], "repair": want["repair"]}
     assert "top1" not in result.candidates[0] and "regret" not in result.to_dict()
 

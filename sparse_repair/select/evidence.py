@@ -99,7 +99,8 @@ def rule_regrets(cands: list[dict], criterion: str) -> dict[str, float | None]:
     return out
 
 
-def summarize(rows: list[dict], criterion: str = "kl", plan: Plan | None = None) -> dict:
+def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None = None
+              ) -> dict:
     """The selection evidence of ``rows`` (``Store.rows()`` dicts) under ``criterion``, from
     the complete selections only (``plan``: {(model, dataset): {(allocation, repair)}}, default
     ``planned_candidates(rows)``; see the module docstring for why).
