@@ -234,7 +234,7 @@ def choice_margin(candidates: list[dict], per_image: list[dict | None], choice: 
     t-interval, ``scipy.stats.ttest_1samp``; None for one image; [d, d] when every image
     gives the same difference), "n" (images), "resolved": the interval excludes 0}.
 
-    Why: the study's missed selections were candidates 1-3 pt apart in true top-1 whose
+    Why: the study's missed selections were candidates 1.5-3.4 pt apart in true top-1 whose
     agreement on 1,000 scoring images differed by about one point, and more images fixed them
     (docs/RESULTS.md 0b, the scoring probe); a user should see when a choice is within noise.
     """
