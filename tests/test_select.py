@@ -194,6 +194,32 @@ def test_choice_margin_pairs_the_choice_with_the_runner_up_image_by_image():
     assert select_api.choice_margin(cands, each, None, "kl") is None
 
 
+def test_choice_margin_is_not_resolved_by_rounding_and_never_holds_nan():
+    """Found by an edge-case pass: per-image KL differences that were all within rounding of
+    each other but not exactly 0 (1e-17 nats) took the "same difference on every image" path
+    and came out resolved, claiming the scoring images separate two practically identical
+    models; and an overflowing t-interval put NaN/Inf into ci95, which the JSON never holds."""
+    def c(kl):
+        return {"allocation": "a", "repair": "r", "agreement": 100.0, "kl": kl, "error": None}
+
+    def each(kl):
+        return {"agreement": torch.full((4,), 100.0, dtype=torch.float64),
+                "kl": torch.tensor(kl, dtype=torch.float64)}
+
+    kl = [0.5, 0.7, 0.1, 0.3]
+    m = select_api.choice_margin([c(0.4), c(0.4 + 1e-17)],
+                                 [each(kl), each(kl[:3] + [kl[3] + 4e-17])], 0, "kl")
+    assert m["ci95"] == [0.0, 0.0] and m["resolved"] is False
+    same = select_api.choice_margin([c(0.4), c(0.4)], [each(kl), each(kl)], 0, "kl")
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["resolved"]
+    with np.errstate(all="ignore"):  # scipy's overflow warnings
+        huge = select_api.choice_margin([c(1.0), c(1e300)],
+                                        [each([0.0, 0.0, 1.0, 0.0]),
+                                         each([1.7e308, 1.7e308, 1e308, 0.0])], 0, "kl")
+    json.dumps(huge, allow_nan=False)
+    assert huge["ci95"] is None and huge["resolved"] is False
+
+
 # ----------------------------------------------------------------------------- results
 
 def test_json_has_the_required_fields_and_regrets_add_up(evaluated):

@@ -231,8 +231,9 @@ def choice_margin(candidates: list[dict], per_image: list[dict | None], choice: 
     scored candidates, else {"runner_up": {"allocation", "repair"}, "criterion", "difference":
     mean over images of the choice's score minus the runner-up's, signed so that > 0 means the
     choice is better (agreement in pt, KL in nats), "ci95": [lo, hi] (the 95% paired
-    t-interval, ``scipy.stats.ttest_1samp``; None for one image; [d, d] when every image
-    gives the same difference), "n" (images), "resolved": the interval excludes 0}.
+    t-interval, ``scipy.stats.ttest_1samp``; None for one image or where it overflows; [d, d]
+    when every image gives the same difference d, [0, 0] when d is within rounding of 0),
+    "n" (images), "resolved": the interval excludes 0}.
 
     Why: the study's missed selections were candidates 1.5-3.4 pt apart in true top-1 whose
     agreement on 1,000 scoring images differed by about one point, and more images fixed them
@@ -249,13 +250,17 @@ def choice_margin(candidates: list[dict], per_image: list[dict | None], choice: 
     a, b = per_image[choice][criterion], per_image[j][criterion]
     d = ((a - b) if criterion == "agreement" else (b - a)).double().numpy()
     mean = float(d.mean())
+    tol = 1e-12 * max(1.0, float(abs(d).max()))
     if len(d) < 2:
         ci = None
-    elif float(d.max() - d.min()) <= 1e-12 * max(1.0, float(abs(d).max())):
-        ci = [mean, mean]
+    elif float(d.max() - d.min()) <= tol:
+        # the same difference on every image, to rounding; one within rounding of 0 is 0
+        ci = [mean, mean] if abs(mean) > tol else [0.0, 0.0]
     else:
         r = stats.ttest_1samp(d, 0.0).confidence_interval(confidence_level=0.95)
         ci = [float(r.low), float(r.high)]
+        if not all(math.isfinite(x) for x in ci):  # overflow: never NaN/Inf in the JSON
+            ci = None
     return {"runner_up": {"allocation": candidates[j]["allocation"],
                           "repair": candidates[j]["repair"]},
             "criterion": criterion, "difference": _finite(mean),
