@@ -390,6 +390,26 @@ def test_the_callers_model_keeps_its_mode_and_bad_settings_fail_before_work():
             _cfg(**bad)
 
 
+def test_an_allocator_that_refuses_the_sparsity_fails_its_candidates_even_listed_first():
+    """Found by an edge-case pass: the up-front exclude check allocated with the first listed
+    allocation, so uniform_plus (or lamp) refusing this sparsity, when listed first, aborted
+    the whole selection (CLI exit 2) instead of failing its own candidates; listed second it
+    was reported as a candidate error and the other allocation chosen."""
+    from sparse_repair.weights import load_trained
+
+    dense = load_trained(DIGITS)[0]
+    result = select(_cfg(sparsity=0.999, allocations=["uniform_plus", "erk"], repairs=["none"]),
+                    dense=dense)
+    failed, scored = result.candidates
+    assert failed["error"].startswith("allocation failed: ValueError: uniform_plus")
+    assert scored["error"] is None and result.margin is None
+    assert result.choice == {"allocation": "erk", "repair": "none"}
+    alone = select(_cfg(sparsity=0.999, allocations=["uniform_plus"], repairs=["none"]),
+                   dense=dense)
+    assert alone.choice is None and alone.margin is None
+    json.dumps(alone.to_dict(), allow_nan=False)
+
+
 def test_search_keeps_its_work_when_the_anchors_share_no_kept_layer():
     from sparse_repair.allocation import allocate
     from sparse_repair.select.search import EmptyMixError, interpolate

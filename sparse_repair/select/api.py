@@ -356,10 +356,12 @@ def _select(cfg, dense, calls, run_cfg, resolution, spec, start, progress) -> Se
     from ..weights import check_weights_fit
 
     # A layer name in exclude that is not prunable is a user error, not a candidate failure:
-    # one allocation (weights only read) raises it before any candidate runs.
+    # one allocation (weights only read) raises it before any candidate runs. Uniform, not the
+    # first candidate: an allocator that refuses this sparsity (uniform_plus, lamp) is a
+    # candidate failure, listed with its error, not a failed call.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # collapse is reported per candidate below
-        allocate(dense, cfg.allocations[0], cfg.sparsity, exclude=cfg.exclude)
+        allocate(dense, "uniform", cfg.sparsity, exclude=cfg.exclude)
     check_weights_fit(dense, cfg.dataset, spec.num_classes,
                       resolution if resolution is not None else spec.default_resolution)
     # scoring_set first: it refuses calib + scoring above the train split before any decoding.
