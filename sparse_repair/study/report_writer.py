@@ -230,6 +230,18 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
                           if selection_evidence.selections(rows) else None)}
 
 
+def _config_key(cfg, without: tuple[str, ...]) -> str:
+    """A run's configuration without the fields ``without``, as a hashable key: runs with the
+    same key differ only in those fields."""
+    return json.dumps({k: v for k, v in asdict(cfg).items() if k not in without},
+                      sort_keys=True, default=str)
+
+
+def _changes(labels: list[str]) -> int:
+    """How often consecutive labels differ (flips of a preference along the sparsity axis)."""
+    return sum(a != b for a, b in zip(labels, labels[1:]))
+
+
 def _planned_seeds(study: Study, rows: list[dict]) -> dict[tuple[str, str], int]:
     """How many seeds the study file plans per (model, data set) of ``rows`` (model labels as
     ``split_settings`` gives them; every row needs ``run_id``): the seeds of the study's runs
@@ -239,8 +251,7 @@ def _planned_seeds(study: Study, rows: list[dict]) -> dict[tuple[str, str], int]
     same_but_seed: dict[str, set] = defaultdict(set)
     ids = {}
     for rid, cfg in study.runs:
-        key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("seed", "repairs")},
-                         sort_keys=True, default=str)
+        key = _config_key(cfg, ("seed", "repairs"))
         same_but_seed[key].add(cfg.seed)
         ids[rid] = key
     every = {cfg.seed for _, cfg in study.runs}
@@ -263,9 +274,7 @@ def _planned_candidates(study: Study, rows: list[dict]) -> dict[tuple[str, str],
     by_key: dict[str, set] = defaultdict(set)
     ids = {}
     for rid, cfg in study.runs:
-        key = json.dumps({k: v for k, v in asdict(cfg).items()
-                          if k not in ("seed", "allocation", "repairs")},
-                         sort_keys=True, default=str)
+        key = _config_key(cfg, ("seed", "allocation", "repairs"))
         by_key[key] |= {(cfg.allocation, label) for label, _, _ in cfg.repair_calls()}
         ids[rid] = key
     plan: dict[tuple[str, str], set] = defaultdict(set)
@@ -306,7 +315,7 @@ def _diff_pivot(diffs, field: str, a: str, b: str, planned: dict[tuple[str, str]
                      if d.n >= AHEAD_MIN_SEEDS and d.lo is not None and (d.lo > 0 or d.hi < 0)]
             row[f"ahead where the interval excludes 0 (>= {AHEAD_MIN_SEEDS} seeds)"] = \
                 ", ".join(f"{w} {s}" for s, w in ahead) or "nowhere"
-            row["flips"] = sum(p[1] != q[1] for p, q in zip(ahead, ahead[1:]))
+            row["flips"] = _changes([w for _, w in ahead])
         table.append(row)
     title = (f"### {a} - {b} after each repair (pt)" if field == "allocation" else
              f"### {a} - {b} per allocation (pt)")
@@ -469,7 +478,7 @@ def _best_allocation_section(best: dict[tuple, dict[float, dict]], repairs: list
             row[str(s)] = (f"**{lead}**" if c["ahead"] else lead) + \
                 (f" ({c['allocations']} alloc)" if c["allocations"] < most else "")
         ahead = [(s, c["best"]) for s, c in sorted(cells.items()) if c["ahead"]]
-        row["changes of the flagged best"] = sum(p[1] != q[1] for p, q in zip(ahead, ahead[1:]))
+        row["changes of the flagged best"] = _changes([w for _, w in ahead])
         table.append(row)
     names = sorted({c["best"] for cells in best.values() for c in cells.values()})
     legend = ", ".join(f"{ALLOC_SHORT[n]} = {n}" for n in names if n in ALLOC_SHORT)
