@@ -192,6 +192,10 @@ def test_choice_margin_pairs_the_choice_with_the_runner_up_image_by_image():
     assert k["resolved"] is True
     assert select_api.choice_margin(cands[:1], each[:1], 0, "kl") is None
     assert select_api.choice_margin(cands, each, None, "kl") is None
+    # one infinite per-image KL: no difference and no interval, not an exact [0, 0]
+    each[0]["kl"] = torch.tensor([0.2, float("inf"), 0.6, 0.8], dtype=torch.float64)
+    inf = select_api.choice_margin(cands, each, 1, "kl")
+    assert (inf["difference"], inf["ci95"], inf["resolved"]) == (None, None, False)
 
 
 def test_choice_margin_is_not_resolved_by_rounding_and_never_holds_nan():

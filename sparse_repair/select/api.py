@@ -251,7 +251,7 @@ def choice_margin(candidates: list[dict], per_image: list[dict | None], choice: 
     d = ((a - b) if criterion == "agreement" else (b - a)).double().numpy()
     mean = float(d.mean())
     tol = 1e-12 * max(1.0, float(abs(d).max()))
-    if len(d) < 2:
+    if len(d) < 2 or not math.isfinite(mean):  # non-finite values: no interval, never [0, 0]
         ci = None
     elif float(d.max() - d.min()) <= tol:
         # the same difference on every image, to rounding; one within rounding of 0 is 0
