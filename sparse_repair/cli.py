@@ -181,8 +181,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
                            help=text)
         elif f.name == "n_eval":
             # the field's help speaks of the Python API's None; on the command line it is 'full'
-            text = text.replace("None = full split", "'full' = whole split").replace(
-                "(default: None)", "(default: full)")
+            text = text.replace("None = ", "'full' = ").replace("(default: None)",
+                                                                 "(default: full)")
             p.add_argument(*flags, type=_n_eval, default=default, metavar="N|full", help=text)
         else:
             p.add_argument(*flags, dest=f.name, type=_PARSERS[f.type], default=default,

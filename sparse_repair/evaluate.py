@@ -113,15 +113,21 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
         float64 [N] of 0.0 or 100.0, "kl": float64 [N] in nats}, the values whose means these
         are (``select`` pairs them to tell whether its choice beats the runner-up).
     Raises:
-        ValueError: shapes differ, are not [N, K] with N >= 1, or a logit is NaN/Inf (a
+        TypeError: a logits argument is not a floating-point tensor.
+        ValueError: shapes differ, are not [N, K] with N, K >= 1, or a logit is NaN/Inf (a
             collapsed model is scored as such by the caller, never as NaN).
     """
     if not (isinstance(logits, torch.Tensor) and isinstance(dense_logits, torch.Tensor)):
         raise TypeError(f"logits must be torch tensors [N, K] (predict_logits), got "
                         f"{type(logits).__name__} and {type(dense_logits).__name__}")
-    if logits.shape != dense_logits.shape or logits.dim() != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits must be two [N, K] tensors of the same shape with N >= 1, got "
-                         f"{tuple(logits.shape)} and {tuple(dense_logits.shape)}")
+    if not (logits.is_floating_point() and dense_logits.is_floating_point()):
+        raise TypeError(f"logits must be floating-point tensors (predict_logits gives float32), "
+                        f"got {logits.dtype} and {dense_logits.dtype}; integer logits are usually "
+                        f"class indices, which carry no softmax to compare")
+    if (logits.shape != dense_logits.shape or logits.dim() != 2 or logits.shape[0] == 0
+            or logits.shape[1] == 0):
+        raise ValueError(f"logits must be two [N, K] tensors of the same shape with N >= 1 and "
+                         f"K >= 1, got {tuple(logits.shape)} and {tuple(dense_logits.shape)}")
     for name, t in (("logits", logits), ("dense_logits", dense_logits)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contain NaN or Inf; the model's forward pass is not finite "

@@ -37,11 +37,13 @@ def test_eval_defaults_to_the_full_split():
     assert vars(_subparser("run").parse_args(["--n-eval", "full"]))["n_eval"] is None
 
 
-def test_n_eval_help_and_errors_speak_the_command_line(capsys):
+@pytest.mark.parametrize("command", ["eval", "run", "select"])
+def test_n_eval_help_and_errors_speak_the_command_line(capsys, command):
     """The help says 'full' (the Python API's None is not a command-line value), and a bad
     value is argparse's usage error naming the flag, not an internal function."""
-    assert "'full' = whole split (default: full)" in " ".join(
-        _subparser("eval").format_help().split())
+    help_text = " ".join(_subparser(command).format_help().split())
+    n_eval_help = help_text.split("--n-eval N|full ", 2)[-1].split(" --", 1)[0]
+    assert "'full' = " in n_eval_help and "None" not in n_eval_help, n_eval_help
     with pytest.raises(SystemExit):
         _subparser("eval").parse_args(["--n-eval", "None"])
     err = capsys.readouterr().err

@@ -43,10 +43,10 @@ def test_kl_is_from_the_dense_softmax():
 
 
 @pytest.mark.parametrize("bad", [torch.randn(3, 10), torch.randn(4, 9), torch.randn(4),
-                                 torch.randn(0, 10)])
+                                 torch.randn(0, 10), torch.randn(4, 0)])
 def test_shape_mismatch_is_refused(bad):
     with pytest.raises(ValueError, match="same shape"):
-        label_free_scores(bad, torch.randn(4, 10) if bad.shape[0] != 0 else bad)
+        label_free_scores(bad, bad if bad.numel() == 0 else torch.randn(4, 10))
 
 
 def test_non_finite_logits_are_refused_never_scored_as_nan():
@@ -94,3 +94,9 @@ def test_run_rows_record_label_free_scores_only_when_asked():
 def test_non_tensor_logits_are_a_type_error():
     with pytest.raises(TypeError, match="torch tensors"):
         label_free_scores([[0.0, 1.0]], torch.zeros(1, 2))
+
+
+def test_integer_logits_are_a_type_error():
+    """Class indices are not logits: there is no softmax to compare, so no KL to report."""
+    with pytest.raises(TypeError, match="floating-point"):
+        label_free_scores(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
