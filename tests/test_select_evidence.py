@@ -189,3 +189,34 @@ def test_a_report_without_a_complete_selection_has_no_empty_tables():
     assert "0 complete selections in 0 regimes" in text, text
     assert "| rule |" not in text and "| model |" not in text, text
     assert "Spearman" not in text, text
+
+
+def test_the_allocation_choice_with_the_repair_fixed_is_judged_per_repair():
+    """Within bn_recal, KL prefers LAMP (lower KL) while agreement and top-1 prefer ERK: the
+    allocation choice by KL regrets 2 pt, by agreement 0; always-LAMP regrets 2. A repair that
+    only one allocation has (reconstruct here) offers no allocation choice and has no row."""
+    table = {("erk", "bn_recal"): (44.0, 2.2, 47.0), ("lamp", "bn_recal"): (42.0, 2.0, 45.0),
+             ("uniform", "bn_recal"): (30.0, 3.0, 33.0), ("lamp", "reconstruct"): (60.0, 1.0, 60.0)}
+    rows = _rows(0, table) + _rows(1, table)
+    ch = E.allocation_choice(rows)
+    assert set(ch) == {"bn_recal"}
+    e = ch["bn_recal"]
+    assert e["n_selections"] == 2 and e["n_regimes"] == 1
+    assert e["kl"] == {"hit": 0.0, "mean": 2.0, "worst": 2.0, "n": 1}
+    assert e["agreement"] == {"hit": 1.0, "mean": 0.0, "worst": 0.0, "n": 1}
+    assert e["always lamp"]["mean"] == 2.0 and e["always erk"]["mean"] == 0.0
+    assert e["hindsight"] == {"allocation": "erk", "mean": 0.0}
+    md = "\n".join(E.markdown(rows))
+    assert "### Choosing the allocation with the repair fixed" in md
+    assert "| bn_recal | 2 (1) | 0%, 2.00 / 2.00 | 100%, 0.00 / 0.00 | 100%, 0.00 / 0.00 | " \
+           "0%, 2.00 / 2.00 | erk (0.00) |" in md, md
+
+
+def test_the_allocation_choice_counts_only_complete_selections_of_the_plan():
+    """A plan naming uniform+bn_recal leaves the seed without it out of the allocation choice."""
+    table = {("erk", "bn_recal"): (44.0, 2.2, 47.0), ("lamp", "bn_recal"): (42.0, 2.0, 45.0)}
+    full = dict(table)
+    full[("uniform", "bn_recal")] = (30.0, 3.0, 33.0)
+    plan = {("resnet20", "cifar10"): set(full)}
+    ch = E.allocation_choice(_rows(0, full) + _rows(1, table), plan)
+    assert ch["bn_recal"]["n_selections"] == 1

@@ -372,11 +372,14 @@ def test_report_judges_selection_only_on_seeds_with_every_planned_candidate(
     assert (sel["n_selections"], sel["n_incomplete"]) == (2 * len(SPARS), len(SPARS))
     text = (tmp_path / "r" / "report.md").read_text()
     assert f"{len(SPARS)} selections still missing candidates left out" in text, text
+    # the allocation choice with the repair fixed follows the same plan: seed 2 lacks lamp
+    assert out["allocation_choice"]["bn_recal"]["n_selections"] == 2 * len(SPARS)
     # without lamp in any row, only the study's plan can tell that every seed is short
     erk_only = [r for r in rows if r["allocation"] == "erk"]
     out = report.write_report(study, erk_only, tmp_path / "e")
     assert out["selection"]["kl"]["n_selections"] == 0
     assert out["selection"]["kl"]["n_incomplete"] == 3 * len(SPARS)
+    assert out["allocation_choice"] == {}
 
 
 def test_best_allocation_names_the_leader_its_lead_and_whether_the_lead_is_resolved(

@@ -223,7 +223,7 @@ def markdown(rows: list[dict], complete: bool = True, plan: Plan | None = None) 
         if s["n_selections"]:  # no empty tables under "0 complete selections"
             md += _tables(s)
         md += _restricted(rows, crit, plan, PAPER_ALLOCATIONS)
-    return md
+    return md + _allocation_choice_table(rows, plan)
 
 
 def _tables(s: dict) -> list[str]:
@@ -279,4 +279,72 @@ def _restricted(rows: list[dict], criterion: str, plan: Plan | None,
         if g["n"]:
             md.append(f"- {rule}: {g['hit']:.0%} of {g['n']}, {g['mean']:.2f} / "
                       f"{g['worst']:.2f}")
+    return md + [""]
+
+
+def allocation_choice(rows: list[dict], plan: Plan | None = None) -> dict[str, dict]:
+    """The evidence for choosing only the *allocation*, with the repair fixed: for each repair,
+    each selection's candidates narrowed to that repair (one per allocation), the choice by each
+    criterion, and its regret against the best allocation after that repair. This is the
+    allocation search's first stage (``search_allocation(anchors="auto")`` ranks the fixed
+    allocations after one repair by its criterion) and the question of a user who has settled
+    on a repair.
+
+    Returns {repair: {"n_selections", "n_regimes", criterion: {"hit", "mean", "worst", "n"}
+    (per regime, as ``summarize``'s "select"), "always <allocation>": the same for that
+    allocation's fixed choice (for "erk" and "lamp", when present), "hindsight": {"allocation",
+    "mean"} (the allocation with the lowest mean regret over the regimes)}}, for repairs with
+    at least one complete selection holding two or more allocations; regrets in pt.
+    """
+    out: dict[str, dict] = {}
+    for rep in sorted({r["repair"] for r in rows if r.get("agreement") is not None}):
+        keep = [r for r in rows if r["repair"] == rep]
+        sub = None if plan is None else {k: {c for c in v if c[1] == rep}
+                                         for k, v in plan.items()}
+        many = {k for k, cands in selections(keep).items()
+                if len({c["allocation"] for c in cands}) >= 2}
+        keep = [r for r in keep
+                if (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"])) in many]
+        entry: dict = {}
+        for crit in CRITERIA:
+            s = summarize(keep, crit, sub)
+            if s["n_selections"] == 0:
+                break
+            entry.update(n_selections=s["n_selections"], n_regimes=s["n_regimes"])
+            entry[crit] = s["rules"]["select"]["per_regime"]
+            for rule in ("always erk", "always lamp"):
+                if s["rules"][rule]["per_regime"]["n"]:
+                    entry[rule] = s["rules"][rule]["per_regime"]
+            for rule, d in s["rules"].items():
+                if rule.startswith("hindsight: "):
+                    entry["hindsight"] = {"allocation": rule[len("hindsight: "):].split("+")[0],
+                                          "mean": d["per_regime"]["mean"]}
+        if entry:
+            out[rep] = entry
+    return out
+
+
+def _allocation_choice_table(rows: list[dict], plan: Plan | None) -> list[str]:
+    """The markdown of ``allocation_choice``: one row per repair; nothing when it is empty."""
+    ch = allocation_choice(rows, plan)
+    if not ch:
+        return []
+
+    def cell(d: dict | None) -> str:
+        return "-" if not d else f"{d['hit']:.0%}, {d['mean']:.2f} / {d['worst']:.2f}"
+
+    md = ["### Choosing the allocation with the repair fixed (the allocation search's first "
+          "stage)", "",
+          f"Candidates: one repair's allocations in each complete selection; regret against "
+          f"the best allocation after that repair. Cells: within {WITHIN_PT} pt (share of "
+          f"regimes), mean / worst regret (pt).", "",
+          "| repair | selections (regimes) | " + " | ".join(f"by {c}" for c in CRITERIA)
+          + " | always erk | always lamp | best allocation in hindsight (mean) |",
+          "|---" * (5 + len(CRITERIA)) + "|"]
+    for rep, e in ch.items():
+        h = e.get("hindsight")
+        md.append(f"| {rep} | {e['n_selections']} ({e['n_regimes']}) | "
+                  + " | ".join(cell(e.get(c)) for c in CRITERIA)
+                  + f" | {cell(e.get('always erk'))} | {cell(e.get('always lamp'))} | "
+                  + ("-" if h is None else f"{h['allocation']} ({h['mean']:.2f})") + " |")
     return md + [""]

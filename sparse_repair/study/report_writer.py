@@ -134,10 +134,10 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
     ``store`` (a ``Store``) supplies the per-layer data of the per-layer plots; without it, or
     for runs without stored per-layer data, those plots are skipped and the report says why.
     Returns {"report", "plots", "skipped", "runs_done", "runs_total", "transition",
-    "transition_by_repair", "fails_from", "best_allocation", "selection"} as ``api.report``
-    documents
-    ("selection": ``select.evidence.summarize`` per criterion, None when no row has label-free
-    scores)."""
+    "transition_by_repair", "fails_from", "best_allocation", "selection",
+    "allocation_choice"} as ``api.report`` documents ("selection": ``select.evidence.summarize``
+    per criterion, "allocation_choice": ``select.evidence.allocation_choice``; each None when
+    no row has label-free scores)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = split_settings(rows)
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ROW_COLUMNS)
@@ -227,7 +227,9 @@ def write_report(study: Study, rows: list[dict], out: Path, store=None) -> dict:
             "best_allocation": {"/".join(k): v for k, v in best.items()},
             "selection": ({c: selection_evidence.summarize(rows, c, plan)
                            for c in selection_evidence.CRITERIA}
-                          if selection_evidence.selections(rows) else None)}
+                          if selection_evidence.selections(rows) else None),
+            "allocation_choice": (selection_evidence.allocation_choice(rows, plan)
+                                  if selection_evidence.selections(rows) else None)}
 
 
 def _config_key(cfg, without: tuple[str, ...]) -> str:
