@@ -196,7 +196,10 @@ def confirm(rec: dict, n: int | None) -> dict:
 
 def table(records: list[dict]) -> str:
     fixed = list(records[0]["fixed"]) if records else []
-    head = ["model", "sparsity", "repair", *fixed, "best fixed", "fixed by KL", "anchors",
+    # the records' own criterion (kl before 2026-11-30's agreement runs, hence the old header)
+    crits = sorted({r.get("criterion", "kl") for r in records}) or ["kl"]
+    head = ["model", "sparsity", "repair", *fixed, "best fixed",
+            f"fixed by {'/'.join(crits).replace('kl', 'KL')}", "anchors",
             "search t", "family choice", "layer moves",
             "search", "search - best fixed", "family oracle (t)", "evals", "search s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
