@@ -2,15 +2,16 @@
 
 For each (model, sparsity, repair): the fixed allocations (default ERK, LAMP, uniform, global
 magnitude) are pruned, repaired on the same calibration images and evaluated; the search
-(``sparse_repair.select.search.search_allocation``, criterion KL) runs on the same calibration
+(``sparse_repair.select.search.search_allocation``; its criterion, agreement by default
+since 2026-11-30, KL before) runs on the same calibration
 images and chooses by its label-free score on disjoint scoring images; then the chosen
 allocation is evaluated. Labels are used only here, for the table, never by the search.
 
 With ``--anchors auto`` (default, the library default) the search itself evaluates every
-candidate fixed allocation first and searches the family between the two best by KL; the fixed
-allocations' top-1 is taken from those evaluations (``observe``), not recomputed. With a pair
-(``--anchors erk,lamp``, the original family) the pair's pipelines are the family's endpoints
-and the other fixed allocations are pruned, repaired and evaluated here.
+candidate fixed allocation first and searches the family between the two best by the
+criterion; the fixed allocations' top-1 is taken from those evaluations (``observe``), not
+recomputed. With a pair (``--anchors erk,lamp``, the original family) the pair's pipelines are
+the family's endpoints and the other fixed allocations are pruned, repaired and evaluated here.
 
     python scripts/search_measure.py --models resnet20 --sparsities 0.9,0.95 \\
         --repairs bn_recal --out results/search_auto_r20_bn.jsonl
@@ -49,7 +50,7 @@ from sparse_repair.data import (
 from sparse_repair.evaluate import evaluate, label_free_scores, predict_logits
 from sparse_repair.pruning import prune_
 from sparse_repair.repair import repair
-from sparse_repair.select.search import interpolate, search_allocation
+from sparse_repair.select.search import DEFAULT_CRITERION, interpolate, search_allocation
 from sparse_repair.weights import load_pretrained
 
 
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scoring", type=int, default=1000)
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--fixed", default="erk,lamp,uniform,global_magnitude")
-    ap.add_argument("--criterion", default="kl")
+    ap.add_argument("--criterion", default=DEFAULT_CRITERION,
+                    help=f"kl or agreement (default: the library's, {DEFAULT_CRITERION})")
     ap.add_argument("--anchors", default="auto",
                     help="'auto' (default) or a pair such as erk,lamp (the original family)")
     ap.add_argument("--candidates", default="erk,lamp,uniform,global_magnitude",

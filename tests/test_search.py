@@ -29,7 +29,7 @@ from sparse_repair.weights import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt")
-SMALL = {"grid": 3, "refine": 1}
+SMALL = {"grid": 3, "refine": 1, "criterion": "kl"}  # these checks rank by KL
 PAIR = ("erk", "lamp")  # the original family, given explicitly (the default is "auto")
 CANDIDATES = ("erk", "lamp", "uniform", "global_magnitude")
 pytestmark = pytest.mark.filterwarnings("ignore::sparse_repair.allocation.LayerCollapseWarning")
@@ -168,12 +168,16 @@ def test_the_returned_model_is_the_choice_and_its_scores_are_reproduced(searched
     assert kept <= result.allocation.keep_total  # a kept weight may itself be 0
 
 
-def test_agreement_criterion_picks_the_highest_agreement(setting):
+def test_agreement_criterion_picks_the_highest_agreement_and_is_the_default(setting):
     dense, calib, scoring = setting
     r = search_allocation(dense, 0.9, calib, scoring, criterion="agreement", grid=2, refine=0,
                           keep_model=False)
     assert r.model is None and r.criterion == "agreement"
-    assert r.best.agreement == max(p.agreement for p in r.points)
+    assert r.best.agreement == max(p.agreement for p in r.points + r.fixed)
+    default = search_allocation(dense, 0.9, calib, scoring, grid=2, refine=0, keep_model=False)
+    assert default.criterion == "agreement"
+    assert [(p.method, p.keep, p.agreement, p.kl) for p in default.points] == \
+        [(p.method, p.keep, p.agreement, p.kl) for p in r.points]
 
 
 def test_dense_model_is_unchanged(searched, setting):
@@ -389,7 +393,8 @@ def test_layer_move_numbers_may_be_any_integer_and_real_type(moved, setting):
     for sweeps, factor in ((np.int64(2), np.float32(2.0)), (np.int8(2), Fraction(2))):
         again = search_allocation(dense, 0.9, calib, scoring, layer_sweeps=sweeps,
                                   move_factor=factor, exclude=[EXCLUDED], keep_model=False,
-                                  grid=np.int64(SMALL["grid"]), refine=np.int32(SMALL["refine"]))
+                                  grid=np.int64(SMALL["grid"]), refine=np.int32(SMALL["refine"]),
+                                  criterion="kl")
         assert [(p.method, p.keep, p.kl) for p in again.proposals] == \
             [(p.method, p.keep, p.kl) for p in first.proposals]
         assert np.array_equal(again.allocation.keep, first.allocation.keep)
@@ -421,8 +426,9 @@ def test_a_huge_layer_sweeps_stops_when_nothing_can_move(setting):
 def test_a_saved_result_says_how_it_was_produced(moved):
     d = json.loads(json.dumps(moved[0].to_dict()))
     assert d["settings"] == {"sparsity": 0.9, "candidates": list(CANDIDATES),
-                             "exclude": [EXCLUDED], "min_keep": 0, **SMALL, "layer_sweeps": 2,
-                             "move_factor": 2.0}
+                             "exclude": [EXCLUDED], "min_keep": 0, "grid": SMALL["grid"],
+                             "refine": SMALL["refine"], "layer_sweeps": 2, "move_factor": 2.0}
+    assert d["criterion"] == SMALL["criterion"]
     assert [m["keep"] for m in d["moves"]] == [m.keep for m in moved[0].moves]
     assert [ly["keep"] for ly in d["allocation"]["layers"]] == moved[0].allocation.keep.tolist()
 
