@@ -213,10 +213,31 @@ def test_the_allocation_choice_with_the_repair_fixed_is_judged_per_repair():
 
 
 def test_the_allocation_choice_counts_only_complete_selections_of_the_plan():
-    """A plan naming uniform+bn_recal leaves the seed without it out of the allocation choice."""
+    """A plan naming uniform+bn_recal leaves the seed without it out of the allocation choice,
+    even when no row has uniform (only the plan knows it is missing); a candidate planned with
+    another repair does not make bn_recal's allocation choice incomplete."""
     table = {("erk", "bn_recal"): (44.0, 2.2, 47.0), ("lamp", "bn_recal"): (42.0, 2.0, 45.0)}
     full = dict(table)
     full[("uniform", "bn_recal")] = (30.0, 3.0, 33.0)
     plan = {("resnet20", "cifar10"): set(full)}
     ch = E.allocation_choice(_rows(0, full) + _rows(1, table), plan)
     assert ch["bn_recal"]["n_selections"] == 1
+    rows = _rows(0, table) + _rows(1, table)  # no seed has uniform
+    assert E.allocation_choice(rows)["bn_recal"]["n_selections"] == 2  # nothing known missing
+    assert E.allocation_choice(rows, plan) == {}
+    other = {("resnet20", "cifar10"): set(table) | {("uniform", "reconstruct")}}
+    assert E.allocation_choice(rows, other)["bn_recal"]["n_selections"] == 2
+
+
+def test_the_allocation_choice_table_says_when_a_fixed_allocation_misses_regimes():
+    """ERK only on ResNet-20: "always erk" is judged on 1 of the 2 regimes, and its cell says
+    so instead of standing beside the criteria's 2 as if comparable."""
+    r20 = {("erk", "bn_recal"): (44.0, 2.2, 47.0), ("lamp", "bn_recal"): (42.0, 2.0, 45.0)}
+    r56 = {("lamp", "bn_recal"): (44.0, 2.2, 47.0), ("uniform", "bn_recal"): (42.0, 2.0, 45.0)}
+    rows = _rows(0, r20) + _rows(0, r56, model="resnet56")
+    e = E.allocation_choice(rows)["bn_recal"]
+    assert (e["n_regimes"], e["always erk"]["n"], e["always lamp"]["n"]) == (2, 1, 2)
+    assert e["hindsight"] == {"allocation": "lamp", "mean": 1.0}
+    md = "\n".join(E.markdown(rows))
+    assert "| bn_recal | 2 (2) | 0%, 2.00 / 2.00 | 100%, 0.00 / 0.00 | " \
+           "100%, 0.00 / 0.00 (1 of 2 regimes) | 50%, 1.00 / 2.00 | lamp (1.00) |" in md, md

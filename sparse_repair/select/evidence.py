@@ -203,7 +203,8 @@ def markdown(rows: list[dict], complete: bool = True, plan: Plan | None = None) 
     criterion, from the complete selections (``plan`` as ``summarize`` takes it); empty when
     no row carries label-free scores. ``complete=False`` (a study still running) reports the
     goal as provisional: regimes may hold fewer seeds than planned, and the selections still
-    missing candidates are left out (their number is given)."""
+    missing candidates are left out (their number is given). Ends with the allocation choice
+    with the repair fixed (``allocation_choice``), when any repair offers one."""
     if not selections(rows):
         return []
     md = ["## Label-free selection (candidates: every allocation x repair of a seed; regret = "
@@ -290,11 +291,17 @@ def allocation_choice(rows: list[dict], plan: Plan | None = None) -> dict[str, d
     allocations after one repair by its criterion) and the question of a user who has settled
     on a repair.
 
+    ``plan`` as ``summarize`` takes it, narrowed to each repair: a selection is complete when
+    it holds every allocation planned with that repair (candidates planned with other repairs
+    do not count).
+
     Returns {repair: {"n_selections", "n_regimes", criterion: {"hit", "mean", "worst", "n"}
     (per regime, as ``summarize``'s "select"), "always <allocation>": the same for that
-    allocation's fixed choice (for "erk" and "lamp", when present), "hindsight": {"allocation",
-    "mean"} (the allocation with the lowest mean regret over the regimes)}}, for repairs with
-    at least one complete selection holding two or more allocations; regrets in pt.
+    allocation's fixed choice (for "erk" and "lamp", when present; its "n" counts only the
+    regimes holding that allocation), "hindsight": {"allocation", "mean"} (the allocation with
+    the lowest mean regret over the regimes, among those in every selection; absent when none
+    is)}}, for repairs with at least one complete selection holding two or more allocations;
+    regrets in pt.
     """
     out: dict[str, dict] = {}
     for rep in sorted({r["repair"] for r in rows if r.get("agreement") is not None}):
@@ -330,8 +337,12 @@ def _allocation_choice_table(rows: list[dict], plan: Plan | None) -> list[str]:
     if not ch:
         return []
 
-    def cell(d: dict | None) -> str:
-        return "-" if not d else f"{d['hit']:.0%}, {d['mean']:.2f} / {d['worst']:.2f}"
+    def cell(d: dict | None, regimes: int) -> str:
+        if not d or not d["n"]:
+            return "-"
+        # a fixed allocation absent from some regimes is judged on fewer: say so
+        of = "" if d["n"] == regimes else f" ({d['n']} of {regimes} regimes)"
+        return f"{d['hit']:.0%}, {d['mean']:.2f} / {d['worst']:.2f}{of}"
 
     md = ["### Choosing the allocation with the repair fixed (the allocation search's first "
           "stage)", "",
@@ -343,8 +354,9 @@ def _allocation_choice_table(rows: list[dict], plan: Plan | None) -> list[str]:
           "|---" * (5 + len(CRITERIA)) + "|"]
     for rep, e in ch.items():
         h = e.get("hindsight")
-        md.append(f"| {rep} | {e['n_selections']} ({e['n_regimes']}) | "
-                  + " | ".join(cell(e.get(c)) for c in CRITERIA)
-                  + f" | {cell(e.get('always erk'))} | {cell(e.get('always lamp'))} | "
+        n = e["n_regimes"]
+        md.append(f"| {rep} | {e['n_selections']} ({n}) | "
+                  + " | ".join(cell(e.get(c), n) for c in CRITERIA)
+                  + f" | {cell(e.get('always erk'), n)} | {cell(e.get('always lamp'), n)} | "
                   + ("-" if h is None else f"{h['allocation']} ({h['mean']:.2f})") + " |")
     return md + [""]
