@@ -54,6 +54,16 @@ from sparse_repair.select.search import DEFAULT_CRITERION, interpolate, search_a
 from sparse_repair.weights import load_pretrained
 
 
+def fixed_choice(rows: dict[str, dict], criterion: str) -> str:
+    """The fixed allocation ``criterion`` ranks first among ``rows`` ({method: {"kl",
+    "agreement", ...}}), as the search ranks its candidates: ties go to the other criterion,
+    then to the earlier method."""
+    order = {m: i for i, m in enumerate(rows)}
+    if criterion == "kl":
+        return min(rows, key=lambda m: (rows[m]["kl"], -rows[m]["agreement"], order[m]))
+    return min(rows, key=lambda m: (-rows[m]["agreement"], rows[m]["kl"], order[m]))
+
+
 def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str, seed: int,
             calib: int, scoring: int, n_eval: int, fixed: list[str], criterion: str,
             grid: int = 5, refine: int = 2, anchors: str | tuple[str, str] = "auto",
@@ -128,7 +138,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
         print(f"  {method:<32} kl {s['kl']:.4f} agree {s['agreement']:5.1f} top-1 "
               f"{rows[method]['top1']:5.2f}", file=sys.stderr, flush=True)
     best_fixed = max(rows, key=lambda m: rows[m]["top1"])
-    by_kl = min(rows, key=lambda m: rows[m]["kl"])
+    by_crit = fixed_choice(rows, criterion)
     oracle_t = max(top1, key=lambda t: (top1[t], -t))
     search_top1 = moves[-1]["top1"] if moves else top1[result.t]
     return {"model": model_name, "dataset": dataset, "sparsity": sparsity,
@@ -138,7 +148,7 @@ def measure(model_name: str, sparsity: float, repair_name: str, *, dataset: str,
             "candidates": [q.method for q in result.fixed],
             "fixed": rows,
             "best_fixed": best_fixed, "best_fixed_top1": rows[best_fixed]["top1"],
-            "fixed_by_criterion": by_kl, "fixed_by_criterion_top1": rows[by_kl]["top1"],
+            "fixed_by_criterion": by_crit, "fixed_by_criterion_top1": rows[by_crit]["top1"],
             "search_t": result.t, "search_method": result.allocation.method,
             "search_keep": result.allocation.keep.tolist(), "layer_sweeps": layer_sweeps,
             "move_factor": move_factor,

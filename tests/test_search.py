@@ -284,7 +284,8 @@ def test_auto_pairs_two_different_allocations(setting, monkeypatch):
                           grid=2, refine=0, keep_model=False)
     lamp, twin, erk = r.fixed
     assert twin.reused and not lamp.reused and (twin.kl, twin.keep) == (lamp.kl, lamp.keep)
-    # LAMP ranks first here (KL), so its twin ranks second and the rule is exercised.
+    # LAMP ranks first here (by either criterion), so its twin ranks second and the rule is
+    # exercised.
     assert r.anchors == ("lamp", "erk")  # never ("lamp", "uniform"): same counts
     assert r.evaluations == 2
 
@@ -515,3 +516,21 @@ def test_the_label_guard_itself_fires(setting, monkeypatch):
         evaluate(setting[0], "digits", 50)
     with pytest.raises(AssertionError, match="label source was read"):
         data_pkg.get_spec("digits").source("train", None)
+
+
+def test_the_measurement_names_the_fixed_allocation_its_criterion_ranks_first():
+    """scripts/search_measure.py's "fixed by <criterion>" column: the record's criterion ranks
+    the fixed allocations (ties: the other criterion, then the earlier one), as the search
+    ranks its candidates; here KL and agreement disagree, so a KL-only choice would show."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_measure",
+                                                  ROOT / "scripts" / "search_measure.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = {"erk": {"kl": 2.2, "agreement": 47.0}, "lamp": {"kl": 2.0, "agreement": 45.0},
+            "uniform": {"kl": 2.1, "agreement": 47.0}}
+    assert script.fixed_choice(rows, "kl") == "lamp"
+    assert script.fixed_choice(rows, "agreement") == "uniform"  # tie at 47: lower KL
+    rows["uniform"]["kl"] = 2.2
+    assert script.fixed_choice(rows, "agreement") == "erk"  # full tie: the earlier one
