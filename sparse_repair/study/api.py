@@ -154,8 +154,9 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     "best_allocation": {"model/dataset/repair": {sparsity: report_writer.best_allocations'
     cell (best, runner_up, margin, lo, hi, n, ahead, allocations)}},
     "selection": {criterion: select.evidence.summarize(rows, criterion)} or None (no
-    label-free scores), "allocation_choice": select.evidence.allocation_choice(rows) (the
-    allocation chosen with the repair fixed) or None (no label-free scores)}.
+    label-free scores), "allocation_choice": select.evidence.allocation_choice(rows, plan)
+    (the allocation chosen with the repair fixed; {} when no repair offers two allocations in
+    a complete selection) or None (no label-free scores)}.
     Raises FileNotFoundError / ValueError for a bad study file and ImportError (naming the
     `plot` extra) when pandas is not installed."""
     from .report_writer import write_report  # pandas and matplotlib: only needed here
