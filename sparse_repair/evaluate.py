@@ -114,12 +114,17 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
         are (``select`` pairs them to tell whether its choice beats the runner-up).
     Raises:
         TypeError: a logits argument is not a floating-point tensor.
-        ValueError: shapes differ, are not [N, K] with N, K >= 1, or a logit is NaN/Inf (a
-            collapsed model is scored as such by the caller, never as NaN).
+        ValueError: shapes differ, are not [N, K] with N, K >= 1, the tensors are on the meta
+            device or on two devices, a logit is NaN/Inf, or float64 logits so far apart that
+            the KL overflows float64 (a collapsed model is scored as such by the caller, never
+            as NaN).
+    The result carries no autograd graph: tensors that require grad are detached.
     """
     if not (isinstance(logits, torch.Tensor) and isinstance(dense_logits, torch.Tensor)):
         raise TypeError(f"logits must be torch tensors [N, K] (predict_logits), got "
                         f"{type(logits).__name__} and {type(dense_logits).__name__}")
+    if not isinstance(per_image, bool):
+        raise TypeError(f"per_image must be True or False, got {per_image!r}")
     if not (logits.is_floating_point() and dense_logits.is_floating_point()):
         raise TypeError(f"logits must be floating-point tensors (predict_logits gives float32), "
                         f"got {logits.dtype} and {dense_logits.dtype}; integer logits are usually "
@@ -128,6 +133,14 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
             or logits.shape[1] == 0):
         raise ValueError(f"logits must be two [N, K] tensors of the same shape with N >= 1 and "
                          f"K >= 1, got {tuple(logits.shape)} and {tuple(dense_logits.shape)}")
+    if "meta" in (logits.device.type, dense_logits.device.type):
+        raise ValueError("logits are on the meta device, which holds no values; compute them on "
+                         "a real device (predict_logits gives CPU tensors)")
+    if logits.device != dense_logits.device:
+        raise ValueError(f"logits are on {logits.device} and dense_logits on "
+                         f"{dense_logits.device}; move both to one device (predict_logits "
+                         f"gives CPU tensors)")
+    logits, dense_logits = logits.detach(), dense_logits.detach()
     for name, t in (("logits", logits), ("dense_logits", dense_logits)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contain NaN or Inf; the model's forward pass is not finite "
@@ -135,6 +148,12 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
     logp = torch.log_softmax(logits.double(), dim=1)
     logq = torch.log_softmax(dense_logits.double(), dim=1)
     kl_each = (logq.exp() * (logq - logp)).sum(1)
+    if not torch.isfinite(kl_each).all():
+        # only float64 logits ~1e308 apart get here: a softmax entry underflows to 0, so its
+        # log is -inf and the sum is 0 * -inf (NaN) or a KL beyond float64 (Inf)
+        raise ValueError("the KL of these logits overflows float64: some logits differ by more "
+                         "than ~1e308, so a softmax entry is exactly 0; such a model's outputs "
+                         "are not usable (check its weights and inputs)")
     same = logits.argmax(1) == dense_logits.argmax(1)
     # count * 100 / n, not mean * 100: 472 of 1,000 is 47.2, not 47.199999999999996
     out = {"agreement": int(same.sum()) * 100.0 / logits.shape[0], "kl": float(kl_each.mean())}

@@ -100,3 +100,20 @@ def test_integer_logits_are_a_type_error():
     """Class indices are not logits: there is no softmax to compare, so no KL to report."""
     with pytest.raises(TypeError, match="floating-point"):
         label_free_scores(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+
+
+def test_bad_inputs_are_refused_clearly_and_grads_are_dropped():
+    """Meta or split devices, a non-bool per_image and float64 logits whose KL overflows get a
+    ValueError/TypeError naming the problem (never NaN, never a cryptic .item() error); logits
+    that require grad are scored without an autograd graph."""
+    z = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="meta device"):
+        label_free_scores(torch.empty(4, 10, device="meta"), z)
+    with pytest.raises(TypeError, match="per_image must be True or False"):
+        label_free_scores(z, z, per_image="yes")
+    far = torch.tensor([[1e308, -1e308]], dtype=torch.float64)
+    for a, b in ((far, -far), (torch.zeros_like(far), far)):
+        with pytest.raises(ValueError, match="overflows float64"):
+            label_free_scores(a, b)
+    s = label_free_scores(z.clone().requires_grad_(), z + 1, per_image=True)
+    assert not s["per_image"]["kl"].requires_grad and s["agreement"] == 100.0
