@@ -241,3 +241,21 @@ def test_the_allocation_choice_table_says_when_a_fixed_allocation_misses_regimes
     md = "\n".join(E.markdown(rows))
     assert "| bn_recal | 2 (2) | 0%, 2.00 / 2.00 | 100%, 0.00 / 0.00 | " \
            "100%, 0.00 / 0.00 (1 of 2 regimes) | 50%, 1.00 / 2.00 | lamp (1.00) |" in md, md
+
+
+def test_bad_rows_and_plans_are_refused_by_name_never_reported_as_nan():
+    """A scored row missing a key, with a NaN/Inf top-1 or score, or a plan of the wrong form
+    gets an error naming the row or the expected form (was a bare KeyError, "nan" in the
+    report, or an AttributeError); rows without scores and an empty list still yield nothing."""
+    rows = _rows(0, GOOD)
+    for fn in (E.allocation_choice, E.markdown):
+        assert not fn([]) and not fn([dict(r, agreement=None) for r in rows])
+        with pytest.raises(ValueError, match=r"lacks \['repair'\]"):
+            fn([{k: v for k, v in r.items() if k != "repair"} for r in rows])
+        for key in ("top1", "kl", "agreement"):
+            bad = [dict(r) for r in rows]
+            bad[1][key] = float("nan")
+            with pytest.raises(ValueError, match=f"allocation='erk', repair='asr'.* {key} = nan"):
+                fn(bad)
+        with pytest.raises(TypeError, match="plan must be"):
+            fn(rows, plan={("resnet20", "cifar10"): [("erk", "asr")]})

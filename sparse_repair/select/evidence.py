@@ -25,7 +25,9 @@ being the best candidate in each.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 from scipy import stats
@@ -41,20 +43,63 @@ def selections(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Group result rows into selections: {(model, dataset, sparsity, seed): candidates}, each
     candidate {"allocation", "repair", "agreement", "kl", "top1", "error": None}, ordered by
     (allocation, repair). Rows without label-free scores (a run with scoring = 0) are left out.
+
+    Raises TypeError for a row that is not a dict, ValueError for a scored row missing one of
+    ``ROW_KEYS`` or with a top1, kl or agreement that is not a finite number (a regret of NaN
+    would be no result, and NaN scores make the choice depend on candidate order).
     """
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
+        if not isinstance(r, Mapping):
+            raise TypeError(f"rows must be result-row dicts (Store.rows()), got "
+                            f"{type(r).__name__}: {r!r:.80}")
         if r.get("agreement") is None or r.get("kl") is None:
             continue
+        missing = [k for k in ROW_KEYS if r.get(k) is None]
+        if missing:
+            raise ValueError(f"a result row with label-free scores lacks {missing} (every scored "
+                             f"row needs {list(ROW_KEYS)}): {_where(r)}")
+        values = {}
+        for k in ("top1", "kl", "agreement"):
+            try:
+                values[k] = float(r[k])
+            except (TypeError, ValueError):
+                values[k] = math.nan
+            if not math.isfinite(values[k]):
+                raise ValueError(f"result row {_where(r)} has {k} = {r[k]!r}; selection evidence "
+                                 f"needs a finite number (rerun that run or leave its row out)")
         key = (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"]))
-        out[key].append({"allocation": r["allocation"], "repair": r["repair"],
-                         "agreement": float(r["agreement"]), "kl": float(r["kl"]),
-                         "top1": float(r["top1"]), "error": None})
+        out[key].append({"allocation": r["allocation"], "repair": r["repair"], **values,
+                         "error": None})
     return {k: sorted(v, key=lambda c: (c["allocation"], c["repair"]))
             for k, v in sorted(out.items())}
 
 
+ROW_KEYS = ("model", "dataset", "sparsity", "seed", "allocation", "repair", "top1")
+
+
+def _where(r: Mapping) -> str:
+    """One row, named for an error message."""
+    return ", ".join(f"{k}={r.get(k)!r}" for k in ROW_KEYS[:6] if k in r) or repr(dict(r))
+
+
+def _scored(r: Mapping) -> bool:
+    return r.get("agreement") is not None and r.get("kl") is not None
+
+
 Plan = dict[tuple[str, str], set[tuple[str, str]]]
+
+
+def _check_plan(plan) -> None:
+    """TypeError unless ``plan`` is None or {(model, dataset): {(allocation, repair)}}."""
+    if plan is None:
+        return
+    ok = isinstance(plan, Mapping) and all(
+        isinstance(k, tuple) and len(k) == 2 and isinstance(v, (set, frozenset))
+        and all(isinstance(c, tuple) and len(c) == 2 for c in v) for k, v in plan.items())
+    if not ok:
+        raise TypeError(f"plan must be None or {{(model, dataset): {{(allocation, repair), ...}}}} "
+                        f"(a dict of sets of pairs, as planned_candidates gives), got {plan!r:.120}")
 
 
 def planned_candidates(rows: list[dict]) -> Plan:
@@ -122,6 +167,7 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    _check_plan(plan)
     sel, incomplete = split_complete(selections(rows),
                                      planned_candidates(rows) if plan is None else plan)
     per: dict[str, list[float]] = defaultdict(list)
@@ -262,7 +308,7 @@ def _restricted(rows: list[dict], criterion: str, plan: Plan | None,
     (rows and plan filtered alike), from the selections holding every one of them (one with
     a single allocation offers no choice between them); nothing when no complete selection
     has them all."""
-    keep = [r for r in rows if r["allocation"] in allocations]
+    keep = [r for r in rows if _scored(r) and r["allocation"] in allocations]
     both = {k for k, cands in selections(keep).items()
             if {c["allocation"] for c in cands} >= set(allocations)}
     keep = [r for r in keep
@@ -303,9 +349,10 @@ def allocation_choice(rows: list[dict], plan: Plan | None = None) -> dict[str, d
     is)}}, for repairs with at least one complete selection holding two or more allocations;
     regrets in pt.
     """
+    _check_plan(plan)
     out: dict[str, dict] = {}
-    for rep in sorted({r["repair"] for r in rows if r.get("agreement") is not None}):
-        keep = [r for r in rows if r["repair"] == rep]
+    for rep in sorted({c["repair"] for cands in selections(rows).values() for c in cands}):
+        keep = [r for r in rows if _scored(r) and r["repair"] == rep]
         sub = None if plan is None else {k: {c for c in v if c[1] == rep}
                                          for k, v in plan.items()}
         many = {k for k, cands in selections(keep).items()
