@@ -139,15 +139,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _n_eval(text: str) -> int | None:
-    """--n-eval: an image count, or 'full' / 'all' (the Python API's None) for the whole
-    split; anything else is argparse's usage error naming the flag."""
+    """--n-eval: an image count >= 1, or 'full' / 'all' (the Python API's None) for the whole
+    split; anything else (0 and negative counts included, refused here rather than after the
+    model and the data are loaded) is argparse's usage error naming the flag."""
     if text in ("all", "full"):
         return None
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
+        n = None
+    if n is None or n < 1:
         raise argparse.ArgumentTypeError(
-            f"expected an image count or 'full', got {text!r}") from None
+            f"expected an image count >= 1, or 'full' for the whole split, got {text!r}")
+    return n
 
 
 def _csv(text: str) -> list[str]:

@@ -47,7 +47,20 @@ def test_n_eval_help_and_errors_speak_the_command_line(capsys, command):
     with pytest.raises(SystemExit):
         _subparser("eval").parse_args(["--n-eval", "None"])
     err = capsys.readouterr().err
-    assert "argument --n-eval: expected an image count or 'full', got 'None'" in err
+    assert ("argument --n-eval: expected an image count >= 1, or 'full' for the whole split, "
+            "got 'None'") in err
+
+
+@pytest.mark.parametrize("command", ["eval", "run", "select"])
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "None"])
+def test_n_eval_below_one_is_a_usage_error_before_anything_loads(capsys, command, value):
+    """0 and negative counts were parsed and refused only later (eval: after loading the model
+    and, with --download, the data; select/run: as "int >= 1 or None", the API's spelling)."""
+    with pytest.raises(SystemExit):
+        _subparser(command).parse_args(["--n-eval", value])
+    err = capsys.readouterr().err
+    assert f"argument --n-eval: expected an image count >= 1, or 'full' for the whole split, " \
+           f"got {value!r}" in err, err
 
 
 def test_runconfig_from_dict_refuses_unknown_keys_and_names_valid_ones():
