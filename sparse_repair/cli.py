@@ -158,9 +158,20 @@ def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _json_object(text: str) -> dict:
+    """--repair-options: a JSON object; bad JSON is argparse's usage error naming the flag and
+    the JSON parser's complaint, with an example of the expected form."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({e.msg} at character {e.pos}) in {text!r}; expected an object "
+            f"such as '{{\"asr\": {{\"shrinkage\": 0.5}}}}'") from None
+
+
 # How a RunConfig field's annotation is read from the command line.
 _PARSERS = {"str": str, "float": float, "int": int, "str | None": str, "int | None": int,
-            "list[str]": _csv, "dict[str, dict]": json.loads}
+            "list[str]": _csv, "dict[str, dict]": _json_object}
 # Flag names kept from before the CLI was derived from RunConfig (README commands use them).
 _ALIASES = {"repairs": ["--repair"]}
 

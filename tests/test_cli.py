@@ -156,3 +156,11 @@ def test_cuda_device_without_cuda_is_one_clear_error(capsys):
     assert main(["run", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
                  "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bad_json_in_repair_options_is_a_usage_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        _subparser("run").parse_args(["--repair-options", "{bad"])
+    err = capsys.readouterr().err
+    assert "argument --repair-options: not valid JSON" in err, err
+    assert "expected an object such as" in err

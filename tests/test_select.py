@@ -369,6 +369,7 @@ def test_cli_table_marks_the_choice_and_reports_regrets(capsys):
     (["--allocations", "erk,ekr"], "unknown allocation"),
     (["--repairs", "bn_recall"], "not a registered method"),
     (["--scoring", "2000"], "would overlap"),  # 64 + 2000 > the 1,433 digits train images
+    (["--n-eval", "100"], "no effect without evaluate"),  # was ignored, yet recorded
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(bad, message, capsys):
     assert main(CLI + bad) == 2

@@ -123,6 +123,11 @@ class SelectConfig:
             raise ValueError(f"scoring must be a number of images >= 1, got {self.scoring!r}")
         if not isinstance(self.evaluate, bool):
             raise ValueError(f"evaluate must be true or false, got {self.evaluate!r}")
+        if self.n_eval is not None and not self.evaluate:
+            # n_eval only sizes the labelled evaluation; recording it on a selection that never
+            # evaluates would suggest it had been used.
+            raise ValueError(f"n_eval={self.n_eval!r} has no effect without evaluate; add "
+                             f"evaluate=True (--evaluate) or leave n_eval at None")
         # seed, device, resolution, repairs and options: the run's own checks, once.
         run = self.run_config()
         run.check()  # resolves every repair's options too

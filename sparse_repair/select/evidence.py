@@ -98,8 +98,9 @@ def _check_plan(plan) -> None:
         isinstance(k, tuple) and len(k) == 2 and isinstance(v, (set, frozenset))
         and all(isinstance(c, tuple) and len(c) == 2 for c in v) for k, v in plan.items())
     if not ok:
-        raise TypeError(f"plan must be None or {{(model, dataset): {{(allocation, repair), ...}}}} "
-                        f"(a dict of sets of pairs, as planned_candidates gives), got {plan!r:.120}")
+        raise TypeError(f"plan must be None or {{(model, dataset): {{(allocation, repair), "
+                        f"...}}}} (a dict of sets of pairs, as planned_candidates gives), got "
+                        f"{plan!r:.120}")
 
 
 def planned_candidates(rows: list[dict]) -> Plan:
