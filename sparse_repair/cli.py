@@ -189,7 +189,15 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING
                                else f.default_factory())
-        text = f"{f.metadata.get('help', '')} (default: {default})"
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, (list, tuple)) \
+            else default
+        # a list default as the flag takes it (comma-separated); no second "default" where
+        # the field's help already names it in words
+        text = f.metadata.get("help", "")
+        if "default:" not in text:
+            text = f"{text} (default: {shown})"
+        else:
+            text = f"{text} ({shown})"
         flags = [flag] + _ALIASES.get(f.name, [])
         if f.type == "bool":
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
@@ -220,7 +228,8 @@ def _model_data_args(p: argparse.ArgumentParser, n_eval: int | None = 2000) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-repair", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sparse-repair",
+                                     description=__doc__.replace("``", ""))  # no RST markup
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("allocate", help="allocate + prune a model, print per-layer sparsity")
