@@ -298,7 +298,10 @@ def _evaluation(cfg: SelectConfig, candidates: list[dict], choice: int | None,
     best = max(scored, key=lambda c: c["top1"]) if scored else None  # ties: earlier candidate
 
     def regret(c):
-        return None if c is None or best is None else _finite(best["top1"] - c["top1"])
+        # top-1 values are exact percentages of n images (count * 100 / n); rounding the
+        # difference to 10 decimals removes float noise (1.2999999999999972 -> 1.3) only
+        return None if c is None or best is None else _finite(
+            round(best["top1"] - c["top1"], 10))
 
     def pair(c):
         return None if c is None else {"allocation": c["allocation"], "repair": c["repair"]}
