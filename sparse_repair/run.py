@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -293,7 +294,17 @@ def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
                        resolution=resolution)
         scores = {"agreement": None, "kl": None}
         if scoring is not None:
-            scores = label_free_scores(predict_logits(model, scoring), dense_scoring_logits)
+            logits = predict_logits(model, scoring)
+            if torch.isfinite(logits).all():
+                scores = label_free_scores(logits, dense_scoring_logits)
+            else:
+                # A repaired model whose forward pass is not finite keeps its row (top-1 and
+                # all) without label-free scores, instead of failing the run and losing the
+                # other repairs' rows; select.evidence leaves such a selection out as
+                # incomplete. The dense logits are still checked by label_free_scores.
+                warnings.warn(f"{label}: the repaired model's logits on the scoring images are "
+                              f"not finite; its row is stored without agreement and KL",
+                              RuntimeWarning, stacklevel=2)
         rows.append({"repair": label, "method": method, "top1": acc["top1"], "n_eval": acc["n"],
                      **scores, "collapsed": alloc.collapsed,
                      "seconds": report.seconds, "passes_dense": report.passes_dense,

@@ -117,3 +117,31 @@ def test_bad_inputs_are_refused_clearly_and_grads_are_dropped():
             label_free_scores(a, b)
     s = label_free_scores(z.clone().requires_grad_(), z + 1, per_image=True)
     assert not s["per_image"]["kl"].requires_grad and s["agreement"] == 100.0
+
+
+def test_a_run_keeps_the_row_of_a_repair_whose_logits_are_not_finite(monkeypatch):
+    """A collapsed repair (NaN logits on the scoring images) is stored with its top-1 and no
+    label-free score, with a warning; the run does not fail and lose the other rows."""
+    from pathlib import Path
+
+    import sparse_repair.run as run_mod
+    from sparse_repair.weights import load_trained
+
+    ckpt = str(Path(__file__).resolve().parents[1] / "baselines" / "checkpoints" /
+               "resnet8-digits.pt")
+    dense = load_trained(ckpt)[0]
+    real = run_mod.predict_logits
+    calls = []
+
+    def nan_after_dense(model, images, *a, **k):  # the first call is the dense model's
+        out = real(model, images, *a, **k)
+        calls.append(1)
+        return out if len(calls) == 1 else torch.full_like(out, float("nan"))
+
+    monkeypatch.setattr(run_mod, "predict_logits", nan_after_dense)
+    cfg = run_mod.RunConfig(model="resnet8", dataset="digits", weights=ckpt, calib=128,
+                            n_eval=200, repairs=["none", "bn_recal"], sparsity=0.8, scoring=300)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        rows = run_mod.run_single(cfg, dense=dense)
+    assert [r["repair"] for r in rows] == ["none", "bn_recal"]
+    assert all(r["agreement"] is None and r["kl"] is None and r["top1"] >= 0 for r in rows)
