@@ -68,8 +68,7 @@ def selections(rows: list[dict]) -> dict[tuple, list[dict]]:
             if not math.isfinite(values[k]):
                 raise ValueError(f"result row {_where(r)} has {k} = {r[k]!r}; selection evidence "
                                  f"needs a finite number (rerun that run or leave its row out)")
-        key = (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"]))
-        out[key].append({"allocation": r["allocation"], "repair": r["repair"], **values,
+        out[_key(r)].append({"allocation": r["allocation"], "repair": r["repair"], **values,
                          "error": None})
     return {k: sorted(v, key=lambda c: (c["allocation"], c["repair"]))
             for k, v in sorted(out.items())}
@@ -85,6 +84,21 @@ def _where(r: Mapping) -> str:
 
 def _scored(r: Mapping) -> bool:
     return r.get("agreement") is not None and r.get("kl") is not None
+
+
+def _key(r: Mapping) -> tuple:
+    """The selection a row belongs to: (model, dataset, sparsity, seed)."""
+    return (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"]))
+
+
+def _narrowed(rows: list[dict], keep_row, enough) -> list[dict]:
+    """The scored rows for which ``keep_row(row)`` holds, from the selections whose kept
+    candidates' allocations (a set) satisfy ``enough``: a narrowed view that still offers a
+    choice between allocations."""
+    keep = [r for r in rows if _scored(r) and keep_row(r)]
+    ok = {k for k, cands in selections(keep).items()
+          if enough({c["allocation"] for c in cands})}
+    return [r for r in keep if _key(r) in ok]
 
 
 Plan = dict[tuple[str, str], set[tuple[str, str]]]
@@ -309,11 +323,8 @@ def _restricted(rows: list[dict], criterion: str, plan: Plan | None,
     (rows and plan filtered alike), from the selections holding every one of them (one with
     a single allocation offers no choice between them); nothing when no complete selection
     has them all."""
-    keep = [r for r in rows if _scored(r) and r["allocation"] in allocations]
-    both = {k for k, cands in selections(keep).items()
-            if {c["allocation"] for c in cands} >= set(allocations)}
-    keep = [r for r in keep
-            if (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"])) in both]
+    keep = _narrowed(rows, lambda r: r["allocation"] in allocations,
+                     lambda allocs: allocs >= set(allocations))
     sub = None if plan is None else {k: {c for c in v if c[0] in allocations}
                                      for k, v in plan.items()}
     s = summarize(keep, criterion, sub)
@@ -353,13 +364,10 @@ def allocation_choice(rows: list[dict], plan: Plan | None = None) -> dict[str, d
     _check_plan(plan)
     out: dict[str, dict] = {}
     for rep in sorted({c["repair"] for cands in selections(rows).values() for c in cands}):
-        keep = [r for r in rows if _scored(r) and r["repair"] == rep]
+        keep = _narrowed(rows, lambda r, rep=rep: r["repair"] == rep,
+                         lambda allocs: len(allocs) >= 2)
         sub = None if plan is None else {k: {c for c in v if c[1] == rep}
                                          for k, v in plan.items()}
-        many = {k for k, cands in selections(keep).items()
-                if len({c["allocation"] for c in cands}) >= 2}
-        keep = [r for r in keep
-                if (r["model"], r["dataset"], float(r["sparsity"]), int(r["seed"])) in many]
         entry: dict = {}
         for crit in CRITERIA:
             s = summarize(keep, crit, sub)
