@@ -120,7 +120,8 @@ class RunConfig:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}"
-                                 f"{' or None' if none_ok else ''}, got {v!r}")
+                                 f"{' or None' if none_ok else ''}, got "
+                                 f"{type(v).__name__} {v!r:.60}")
 
         integer("calib", 1)
         integer("scoring", 0)   # 0 = no label-free scores
