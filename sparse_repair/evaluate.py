@@ -106,10 +106,14 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
             N images in the same order (``predict_logits``).
     Returns:
         {"agreement": percent of images whose top-1 class equals the dense model's (0-100,
-        higher is better), "kl": mean over images of KL(p_dense || p_pruned) in nats (>= 0,
-        lower is better; the distillation objective of Hinton et al. 2015, so a pruned model
+        higher is better), "kl": mean over images of KL(p_dense || p_pruned) in nats (lower
+        is better; the distillation objective of Hinton et al. 2015, so a pruned model
         scores well only where it reproduces the dense model's full softmax, not just its
-        argmax)}. Computed in float64. With ``per_image=True`` also "per_image": {"agreement":
+        argmax)}. Computed in float64. The KL is >= 0 in exact arithmetic; for (near-)
+        identical logits rounding can leave a per-image KL slightly below 0 (measured: down
+        to -5e-16 for float64 logits perturbed by 1e-15; identical logits give exactly 0). It
+        is reported as computed, not clamped, so no real difference is hidden; compare KLs
+        with a tolerance of ~1e-12. With ``per_image=True`` also "per_image": {"agreement":
         float64 [N] of 0.0 or 100.0, "kl": float64 [N] in nats}, the values whose means these
         are (``select`` pairs them to tell whether its choice beats the runner-up).
     Raises:

@@ -148,6 +148,19 @@ def test_empty_calibration_is_refused_and_nothing_changes(small):
         _assert_unchanged(model, before, "empty calibration")
 
 
+def test_nan_calibration_images_are_named_by_index_and_nothing_changes(small):
+    _, pruned, _ = small
+    model = copy.deepcopy(pruned)
+    before = _snapshot(model)
+    x = torch.randn(6, 3, 8, 8)
+    x[2, 0, 1, 1] = float("nan")
+    x[4, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf \(2 of 6 images, first at index \[2, 4\]\)"
+                                         r".*drop or re-load"):
+        repair(model, "bn_recal", x)
+    _assert_unchanged(model, before, "NaN calibration")
+
+
 def _fail_at(monkeypatch, method: str, k: int, how: str) -> list:
     """Patch ``method``'s per-BN update: at the k-th BN, after the real update wrote (so the
     BN really is changed), raise (how="raise") or write a NaN (how="nan")."""

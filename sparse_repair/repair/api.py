@@ -91,7 +91,9 @@ def as_image_tensor(calibration) -> torch.Tensor:
                                 f"{type(batch).__name__}")
             batches.append(batch)
     if not batches:
-        raise ValueError("calibration set is empty: the iterable yielded no batch")
+        raise ValueError("calibration set is empty: the iterable yielded no batch; pass at "
+                         "least one image tensor [N, C, H, W] with N >= 1 (e.g. "
+                         "sparse_repair.data.calibration_set(dataset, n, seed))")
     for i, b in enumerate(batches):
         if b.dim() != 4:
             where = "" if len(batches) == 1 else f" (batch {i})"
@@ -102,12 +104,18 @@ def as_image_tensor(calibration) -> torch.Tensor:
                              f"{tuple(batches[0].shape)}, batch {i} is {tuple(b.shape)}")
     x = torch.cat(batches) if len(batches) > 1 else batches[0]
     if x.numel() == 0:
-        raise ValueError(f"calibration set is empty (shape {tuple(x.shape)})")
+        raise ValueError(f"calibration set is empty (shape {tuple(x.shape)}); pass images "
+                         f"[N, C, H, W] with every dimension >= 1 (e.g. "
+                         f"sparse_repair.data.calibration_set(dataset, n, seed))")
     if not torch.is_floating_point(x):
         raise TypeError(f"calibration images have dtype {x.dtype}; pass normalized float images "
                         "(sparse_repair.data.calibration_set returns them)")
-    if not torch.isfinite(x).all():
-        raise ValueError("calibration images contain NaN or Inf")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        images = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"calibration images contain NaN or Inf ({len(images)} of {len(x)} "
+                         f"images, first at index {images[:5]}); drop or re-load those images "
+                         f"(a division by a zero std in normalization is the usual cause)")
     return x
 
 

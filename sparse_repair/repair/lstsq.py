@@ -320,7 +320,9 @@ class Gram:
             xd = xs if same else self._cols(x_d[i0:i1], cols)
             # checked before anything of this chunk is kept: a failed add adds nothing
             if not (torch.isfinite(xs).all() and (same or torch.isfinite(xd).all())):
-                raise ValueError("layer input has non-finite values")
+                raise ValueError("layer input has non-finite values: the model's forward "
+                                 "pass is not finite on the calibration images (check the "
+                                 "weights with torch.isfinite and the images for NaN/Inf)")
             pieces.append((xs, xd))
         self._pending += pieces
         self._pending_bytes += sum(8 * a.numel() * (1 if a is b else 2) for a, b in pieces)
@@ -483,7 +485,8 @@ def solve(weight: Tensor, mask: Tensor, H: Tensor, C: Tensor, D: Tensor | None =
     if bias is not None and bias.shape != (o_all,):
         raise ValueError(f"bias {tuple(bias.shape)} does not match {o_all} output channels")
     if not (torch.isfinite(H).all() and torch.isfinite(C).all()):
-        raise ValueError("H or C has non-finite entries")
+        raise ValueError("H or C has non-finite entries; accumulate them from finite layer "
+                         "inputs (Gram.add refuses NaN/Inf inputs)")
 
     dev, f64 = H.device, torch.float64
     groups = H.shape[0]
