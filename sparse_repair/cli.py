@@ -125,16 +125,14 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
-                      seed=args.seed, device=args.device, out=args.out)
-    meta = train(cfg)
+    cfg = TrainConfig.from_dict(_config_values(args, TrainConfig))
+    meta = train(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(meta, indent=1))
     else:
         print(f"{meta['model']} on {meta['dataset']}: top-1 {meta['top1']:.2f}% on "
               f"{meta['n_eval']} test images after {meta['train_seconds']:.0f} s; wrote "
-              f"{args.out} and {args.out}.json")
+              f"{cfg.out} and {cfg.out}.json")
     return 0
 
 
@@ -169,7 +167,8 @@ def _json_object(text: str) -> dict:
             f"such as '{{\"asr\": {{\"shrinkage\": 0.5}}}}'") from None
 
 
-# How a RunConfig field's annotation is read from the command line.
+# How a config field's annotation (a string: `from __future__ import annotations`) is
+# read from the command line; bool fields are --flag/--no-flag.
 _PARSERS = {"str": str, "float": float, "int": int, "str | None": str, "int | None": int,
             "list[str]": _csv, "dict[str, dict]": _json_object}
 # Flag names kept from before the CLI was derived from RunConfig (README commands use them).
@@ -233,8 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("allocate", help="allocate + prune a model, print per-layer sparsity")
-    p.add_argument("--model", required=True)
-    p.add_argument("--method", default="erk")
+    import dataclasses
+
+    from .allocation import list_allocators
+    from .run import RunConfig
+
+    method = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "allocation")
+    p.add_argument("--model", required=True, help="architecture (sparse_repair.models registry)")
+    p.add_argument("--method", default=method, choices=list_allocators(),
+                   help=f"allocator (sparse_repair.allocation registry) (default: {method})")
     p.add_argument("--sparsity", type=float, required=True, help="pruned fraction in [0, 1)")
     p.add_argument("--exclude", action="append", default=[], help="layer name kept dense")
     p.add_argument("--min-keep", type=int, default=0, metavar="K",
@@ -242,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prevents layer collapse: a layer left with zero weights); the total "
                         "pruned count stays exactly round(sparsity * N) (default: 0)")
     p.add_argument("--weights", default=None, help="checkpoint to prune instead of random init")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="number of classes of the model's head (default: 10)")
     _add_common(p)
     p.set_defaults(func=cmd_allocate)
 
@@ -271,15 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("train", help="dense training recipe; writes checkpoint + JSON sidecar")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="checkpoint path (sidecar: path + .json)")
+    from .train import TrainConfig
+
+    add_config_arguments(p, TrainConfig)
     _add_common(p)
     p.set_defaults(func=cmd_train)
 

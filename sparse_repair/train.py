@@ -15,27 +15,48 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import _opt, check_device, config_from_dict
 from .data import get_spec, load_split, normalize
 from .evaluate import evaluate
-from .models import create_model
+from .models import create_model, list_models
 from .progress import progress_bar
 
 
 @dataclass
 class TrainConfig:
-    model: str = "resnet20"
-    dataset: str = "cifar10"
-    epochs: int = 30
-    batch_size: int = 128           # images per SGD step
-    lr: float = 0.1                 # one-cycle peak learning rate
-    momentum: float = 0.9           # Nesterov
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0    # off by default
-    resolution: int | None = None   # pixels; None = data set default (imagenette: 64 on CPU)
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "results/checkpoints/model.pt"
-    threads: int | None = None      # torch CPU threads; None = torch default
+    """One dense training run: the single source of the defaults of `sparse-repair train` (its
+    flags, defaults and help are derived from these fields; the CLI restates none).
+
+    Build it from user input with ``TrainConfig.from_dict`` (JSON, CLI), which refuses unknown
+    keys naming the valid ones and runs ``check`` before any data is read."""
+    model: str = _opt("resnet20", "architecture (sparse_repair.models registry)")
+    dataset: str = _opt("cifar10", "data set (sparse_repair.data registry); trains on its train "
+                                   "split, reports top-1 on its evaluation split")
+    epochs: int = _opt(30, "passes over the train split")
+    batch_size: int = _opt(128, "images per SGD step")
+    lr: float = _opt(0.1, "one-cycle peak learning rate, reached after the first quarter "
+                               "of the steps")
+    momentum: float = _opt(0.9, "Nesterov momentum, in (0, 1)")
+    weight_decay: float = _opt(5e-4, "L2 weight decay on conv/linear weights (not BN or "
+                                     "biases), >= 0")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing, in [0, 1); 0 = off")
+    resolution: int | None = _opt(None, "input side (px); None = the data set's default")
+    seed: int = _opt(0, "seeds the initialisation, the batch order and the augmentation")
+    device: str = _opt("cpu", "torch device (AMP and channels_last on CUDA)")
+    out: str = _opt("results/checkpoints/model.pt", "checkpoint path; its JSON sidecar is "
+                                                     "path + '.json'")
+    threads: int | None = _opt(None, "torch CPU threads; None = torch's default")
+    overwrite: bool = _opt(False, "replace an existing checkpoint at out")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """A TrainConfig from a plain dict. Raises ValueError naming any unknown key and the
+        valid ones, or any bad value (``check``), before any data is read."""
+        return config_from_dict(cls, d, "train")
+
+    def check(self) -> None:
+        """``check_config(self)``: raises ValueError / TypeError naming the setting."""
+        check_config(self)
 
 
 def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
@@ -89,8 +110,10 @@ def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse a setting that would fail inside torch (a zero division, OneCycleLR's
-    "total_steps") or train silently wrong (NaN lr), before any data is read. Raises
-    ValueError naming the setting."""
+    "total_steps"), train silently wrong (NaN lr), or fail or destroy work only when the
+    checkpoint is written (an ``out`` that already exists, unless ``overwrite``; an empty or
+    non-string ``out``), before any data is read. Raises ValueError / TypeError naming the
+    setting."""
     def number(v):
         return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -101,6 +124,12 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be an int >= {lo}{' or None' if none_ok else ''}, "
                              f"got {v!r}")
 
+    if not isinstance(cfg.model, str) or cfg.model not in list_models():
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
+    if not isinstance(cfg.dataset, str):
+        raise ValueError(f"dataset must be a data set name, got {cfg.dataset!r}")
+    get_spec(cfg.dataset)  # names the registered data sets
+    check_device(cfg.device)
     integer("epochs", 1)
     integer("batch_size", 1)
     integer("seed", 0)
@@ -116,6 +145,17 @@ def check_config(cfg: TrainConfig) -> None:
                          f"{cfg.label_smoothing!r}")
     if not (number(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
+    if not isinstance(cfg.overwrite, bool):
+        raise TypeError(f"overwrite must be true or false, got {cfg.overwrite!r}")
+    if not isinstance(cfg.out, str) or not cfg.out.strip():
+        raise ValueError(f"out must be a checkpoint path (a non-empty string), got {cfg.out!r}")
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise ValueError(f"out {cfg.out!r} is a directory; give a checkpoint file path such as "
+                         f"{str(out / 'model.pt')!r}")
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"out {cfg.out!r} already exists and training would replace it; pass "
+                         f"--overwrite (overwrite=True) to replace it, or choose another --out")
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:

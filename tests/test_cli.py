@@ -1,5 +1,6 @@
-"""Command line and run configuration: RunConfig is the one source of defaults, user input with
-unknown keys is refused, and `eval` reports the whole split unless asked for a subset."""
+"""Command line and run configuration: RunConfig (run) and TrainConfig (train) are the one source
+of their commands' defaults, user input with unknown keys is refused, `train` never replaces a
+checkpoint unasked, and `eval` reports the whole split unless asked for a subset."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparse_repair.allocation import list_allocators
 from sparse_repair.cli import build_parser, main
 from sparse_repair.run import RunConfig
+from sparse_repair.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "baselines" / "checkpoints" / "resnet8-digits.pt")
@@ -164,3 +167,92 @@ def test_bad_json_in_repair_options_is_a_usage_error_naming_the_flag(capsys):
     err = capsys.readouterr().err
     assert "argument --repair-options: not valid JSON" in err, err
     assert "expected an object such as" in err
+
+
+# ----------------------------------------------------------------------------- train / allocate
+
+def test_train_flags_take_every_default_and_help_from_trainconfig():
+    """`train --help` shows, for every TrainConfig field, the field's own help text and its
+    default; parsing no flags gives exactly TrainConfig's defaults (the CLI restates none)."""
+    p = _subparser("train")
+    defaults = vars(p.parse_args([]))
+    actions = {a.dest: a for a in p._actions}
+    help_text = " ".join(p.format_help().split())
+    for f in dataclasses.fields(TrainConfig):
+        assert defaults[f.name] == f.default, f"--{f.name}: CLI default differs from TrainConfig"
+        assert f.metadata["help"], f"TrainConfig.{f.name} has no help text"
+        assert actions[f.name].help == f"{f.metadata['help']} (default: {f.default})"
+        assert f"{f.metadata['help']} (default: {f.default})" in help_text
+    assert "--overwrite, --no-overwrite" in help_text
+
+
+def test_trainconfig_from_dict_refuses_unknown_keys_and_names_valid_ones():
+    with pytest.raises(ValueError, match=r"'epoch'.*valid settings: model, dataset, epochs, "):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize("out", ["", "   ", None, 5])
+def test_train_refuses_an_empty_or_non_string_out(out):
+    with pytest.raises(ValueError, match=r"out must be a checkpoint path \(a non-empty string\)"):
+        TrainConfig.from_dict({"model": "resnet8", "dataset": "digits", "out": out})
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"model": "resnet9"}, "unknown model 'resnet9'; choose one of"),
+    ({"dataset": "digit"}, "unknown data set 'digit'; choose one of"),
+    ({"device": "gpu0"}, "not a torch device"), ({"overwrite": "false"}, "true or false"),
+])
+def test_train_refuses_a_bad_name_or_flag_before_any_data_is_read(tmp_path, bad, match):
+    """A typo in the model name failed only after the train split was loaded."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        TrainConfig.from_dict({"out": str(tmp_path / "m.pt"), **bad})
+
+
+class _DataRead(Exception):
+    """Raised by a stubbed load_split: training got as far as reading data."""
+
+
+def test_train_refuses_an_existing_checkpoint_before_any_data_is_read(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Hours of training must not silently replace a checkpoint: an existing `out` is refused
+    (naming the path and both fixes) before any data is read, and the file is left as it was;
+    `--overwrite` lifts the refusal."""
+    import sparse_repair.train as T
+
+    def load_split(*args, **kwargs):
+        raise _DataRead
+
+    monkeypatch.setattr(T, "load_split", load_split)
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"an earlier checkpoint")
+    args = ["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1",
+            "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"out {str(out)!r} already exists" in err, err
+    assert "pass --overwrite (overwrite=True)" in err and "choose another --out" in err
+    with pytest.raises(ValueError, match="already exists"):
+        train(TrainConfig(model="resnet8", dataset="digits", out=str(out)), progress=False)
+    assert out.read_bytes() == b"an earlier checkpoint"
+    with pytest.raises(_DataRead):  # past the check: training would start
+        main(args + ["--overwrite"])
+    with pytest.raises(_DataRead):  # a new path needs no --overwrite
+        main(args[:-1] + [str(tmp_path / "new.pt")])
+
+
+def test_allocate_help_lists_the_allocators_and_runconfigs_default():
+    help_text = " ".join(_subparser("allocate").format_help().split())
+    default = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "allocation")
+    assert "{" + ",".join(list_allocators()) + "}" in help_text
+    assert f"allocator (sparse_repair.allocation registry) (default: {default})" in help_text
+    assert vars(_subparser("allocate").parse_args(["--model", "resnet8", "--sparsity", "0.9"])
+                )["method"] == default
+    assert "number of classes of the model's head (default: 10)" in help_text
+    assert "architecture (sparse_repair.models registry)" in help_text
+
+
+def test_allocate_unknown_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["allocate", "--model", "resnet8", "--sparsity", "0.9", "--method", "ekr"])
+    assert exit_.value.code == 2
+    assert "argument --method: invalid choice: 'ekr'" in capsys.readouterr().err

@@ -14,14 +14,15 @@ PKG = Path(__file__).resolve().parents[1] / "sparse_repair"
 # Components, lowest layer first. A component may import its own layer's lower neighbours
 # only where listed in ALLOWED_SAME_LAYER, and any lower layer.
 LAYERS = [
-    {"models", "allocation", "assets", "progress", "runtime"},   # foundations: import nothing
+    {"models", "allocation", "assets", "progress", "runtime",    # foundations: import nothing
+     "config"},
     {"pruning", "data", "weights", "repair"},                    # use the foundations
     {"evaluate", "regime", "gate", "train"},
     {"run"},                                                     # one configuration
     {"study", "select"},                                         # sweeps and choices on top
     {"cli"},
 ]
-FOUNDATIONS_IMPORT_NOTHING = {"models", "allocation"}
+FOUNDATIONS_IMPORT_NOTHING = {"models", "allocation", "config"}
 ALLOWED_SAME_LAYER = {("assets", "progress"), ("data", "assets"), ("weights", "assets"),
                       ("data", "progress"), ("pruning", "allocation"), ("gate", "regime"),
                       ("train", "evaluate"),

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..allocation import allocate, list_allocators
+from ..config import _opt, check_device, config_from_dict
 from ..data import calibration_set, get_spec, scoring_set
 from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
 from ..pruning import prune_
 from ..repair import list_repairs, repair
-from ..run import RunConfig, _opt, check_device, config_from_dict, input_resolution, load_dense
+from ..run import RunConfig, input_resolution, load_dense
 
 CRITERIA = ("kl", "agreement")
 
