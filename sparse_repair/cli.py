@@ -27,8 +27,17 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from .models import create_model
     from .pruning import prune_, sparsity_report
 
-    model = create_model(args.model, args.num_classes)
-    if args.weights:
+    if args.weights is not None and not args.weights.strip():
+        # an empty --weights (an unset shell variable) silently pruned a random model
+        raise ValueError("--weights is empty; pass a checkpoint file, or drop --weights to "
+                         "prune a randomly initialised model")
+    try:
+        model = create_model(args.model, args.num_classes)
+    except RuntimeError as e:  # the head does not fit in memory: --num-classes 1000000000
+        raise ValueError(f"cannot build {args.model} with --num-classes {args.num_classes} "
+                         f"({str(e).splitlines()[0][:200]}); pass the number of classes of "
+                         f"the model's head, e.g. 10 for CIFAR-10") from None
+    if args.weights is not None:
         from .weights import load_checkpoint_into
 
         load_checkpoint_into(model, args.weights, arch=args.model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import _opt, check_device, config_from_dict
-from .data import get_spec, load_split, normalize
+from .data import DATASETS, get_spec, load_split, normalize
 from .evaluate import evaluate
 from .models import create_model, list_models
 from .progress import progress_bar
+
+_MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 @dataclass
@@ -110,10 +113,12 @@ def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse a setting that would fail inside torch (a zero division, OneCycleLR's
-    "total_steps"), train silently wrong (NaN lr), or fail or destroy work only when the
-    checkpoint is written (an ``out`` that already exists, unless ``overwrite``; an empty or
-    non-string ``out``), before any data is read. Raises ValueError / TypeError naming the
-    setting."""
+    "total_steps", a seed past torch's range), train silently wrong (NaN lr), or fail or
+    destroy work only when the checkpoint is written (an ``out`` or its sidecar that already
+    exists, unless ``overwrite``; an empty or non-string ``out``; one under a file or in a
+    directory not writable), before any data is read. Raises ValueError / TypeError naming
+    the setting. What depends on the machine (the device, the CPU count) is
+    ``check_machine``'s, run by ``train``."""
     def number(v):
         return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -126,13 +131,16 @@ def check_config(cfg: TrainConfig) -> None:
 
     if not isinstance(cfg.model, str) or cfg.model not in list_models():
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
-    if not isinstance(cfg.dataset, str):
-        raise ValueError(f"dataset must be a data set name, got {cfg.dataset!r}")
-    get_spec(cfg.dataset)  # names the registered data sets
+    if not isinstance(cfg.dataset, str) or cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown data set {cfg.dataset!r}; choose one of "
+                         f"{', '.join(DATASETS)}")
     check_device(cfg.device)
     integer("epochs", 1)
     integer("batch_size", 1)
     integer("seed", 0)
+    if cfg.seed > _MAX_SEED:  # torch.manual_seed's own error names no setting
+        raise ValueError(f"seed must be an int in [0, 2**64 - 1] (torch's seed range), got "
+                         f"{cfg.seed}")
     integer("resolution", 1, none_ok=True)
     integer("threads", 1, none_ok=True)
     if not (number(cfg.lr) and cfg.lr > 0):
@@ -147,19 +155,63 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
     if not isinstance(cfg.overwrite, bool):
         raise TypeError(f"overwrite must be true or false, got {cfg.overwrite!r}")
-    if not isinstance(cfg.out, str) or not cfg.out.strip():
-        raise ValueError(f"out must be a checkpoint path (a non-empty string), got {cfg.out!r}")
-    out = Path(cfg.out)
+    _check_out(cfg.out, cfg.overwrite)
+
+
+def _check_out(path, overwrite: bool) -> None:
+    """Refuse an ``out`` whose checkpoint or JSON sidecar could not be written after training
+    (a directory in the way, a parent that is a file, a directory not writable), or that would
+    replace an existing checkpoint or sidecar unless ``overwrite``. ValueError naming the fix."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"out must be a checkpoint path (a non-empty string), got {path!r}")
+    if "\0" in path:
+        raise ValueError(f"out {path!r} contains a NUL character, which no file name can hold; "
+                         f"remove it")
+    out = Path(path)
+    sidecar = out.with_suffix(out.suffix + ".json")
     if out.is_dir():
-        raise ValueError(f"out {cfg.out!r} is a directory; give a checkpoint file path such as "
+        raise ValueError(f"out {path!r} is a directory; give a checkpoint file path such as "
                          f"{str(out / 'model.pt')!r}")
-    if out.exists() and not cfg.overwrite:
-        raise ValueError(f"out {cfg.out!r} already exists and training would replace it; pass "
-                         f"--overwrite (overwrite=True) to replace it, or choose another --out")
+    if sidecar.is_dir():
+        raise ValueError(f"out {path!r}: its JSON sidecar path {str(sidecar)!r} is a directory; "
+                         f"choose another --out")
+    for p, what in ((out, "out"), (sidecar, f"out {path!r}: its JSON sidecar")):
+        if not p.exists():
+            continue
+        shown = path if p is out else str(sidecar)
+        if not overwrite:
+            raise ValueError(f"{what} {shown!r} already exists and training would replace it; "
+                             f"pass --overwrite (overwrite=True) to replace it, or choose "
+                             f"another --out")
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{what} {shown!r} exists and is not writable; choose another "
+                             f"--out, or make it writable")
+    parent = out.absolute().parent  # the nearest existing ancestor must be a writable dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"out {path!r} cannot be created: {str(parent)!r} is a file, not a "
+                         f"directory; choose an --out inside a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out {path!r} cannot be written: directory {str(parent)!r} is not "
+                         f"writable; choose an --out in a writable directory")
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """What ``check_config`` leaves to the machine that trains (a config loads on any machine):
+    the device exists here (CUDA available, the index below the device count) and ``threads``
+    is at most this machine's CPU count (torch crashed with SIGSEGV at threads=10**6).
+    ValueError naming the fix."""
+    check_device(cfg.device, available=True)
+    cpus = os.cpu_count() or 1
+    if cfg.threads is not None and cfg.threads > cpus:
+        raise ValueError(f"threads={cfg.threads} is more than this machine's {cpus} CPUs; "
+                         f"pass --threads {cpus} or fewer, or leave it unset (torch's default)")
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     check_config(cfg)
+    check_machine(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -256,3 +256,130 @@ def test_allocate_unknown_method_is_a_usage_error(capsys):
         main(["allocate", "--model", "resnet8", "--sparsity", "0.9", "--method", "ekr"])
     assert exit_.value.code == 2
     assert "argument --method: invalid choice: 'ekr'" in capsys.readouterr().err
+
+
+# ------------------------------------------- bad input refused before training (a hostile pass)
+
+def _no_data(monkeypatch):
+    """Stub train's load_split: a config that gets past the checks raises _DataRead."""
+    import sparse_repair.train as T
+
+    def load_split(*args, **kwargs):
+        raise _DataRead
+
+    monkeypatch.setattr(T, "load_split", load_split)
+
+
+@pytest.mark.parametrize(("layout", "out", "match"), [
+    ({"afile": "x"}, "afile/m.pt", r"'.*afile' is a file, not a directory; choose an --out"),
+    ({"afile": "x"}, "afile/sub/m.pt", r"'.*afile' is a file, not a directory"),
+    ({"m.pt.json": None}, "m.pt", r"its JSON sidecar path '.*m.pt.json' is a directory"),
+    ({"m.pt.json": "{}"}, "m.pt", r"its JSON sidecar '.*m.pt.json' already exists and training "
+                                  r"would replace it; pass --overwrite"),
+    ({}, "m\0.pt", "contains a NUL character"),
+])
+def test_train_refuses_an_out_it_could_not_write_before_any_data_is_read(
+        tmp_path, monkeypatch, capsys, layout, out, match):
+    """An --out under a file, or whose sidecar path is a directory, trained to the end and then
+    failed to write (FileExistsError traceback, the training lost); an existing sidecar was
+    replaced silently. Each is refused before any data is read, and nothing is written."""
+    _no_data(monkeypatch)
+    for name, text in layout.items():
+        (tmp_path / name).mkdir() if text is None else (tmp_path / name).write_text(text)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({"model": "resnet8", "dataset": "digits",
+                               "out": str(tmp_path / out)})
+    if "\0" not in out:
+        assert main(["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1",
+                     "--out", str(tmp_path / out)]) == 2
+        assert "sparse-repair: error: out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_train_refuses_an_out_in_a_directory_it_cannot_write(tmp_path, monkeypatch):
+    """A read-only directory (os.access stubbed: the tests may run as root) is named."""
+    import sparse_repair.train as T
+
+    _no_data(monkeypatch)
+    monkeypatch.setattr(T.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=r"directory '.*' is not writable; choose an --out in a "
+                                         r"writable directory"):
+        TrainConfig.from_dict({"model": "resnet8", "dataset": "digits",
+                               "out": str(tmp_path / "new" / "m.pt")})
+
+
+@pytest.mark.parametrize(("device", "cuda", "match"), [
+    ("cuda:3", (True, 1), r"'cuda:3': this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"),
+    ("cuda", (False, 0), r"'cuda': CUDA is not available on this machine; use --device cpu"),
+    ("meta", (False, 0), r"'meta': only cpu, cuda and mps devices run models here"),
+])
+def test_train_refuses_a_device_this_machine_lacks_before_any_data_is_read(
+        tmp_path, monkeypatch, device, cuda, match):
+    """`--device cuda` without CUDA (and cuda:99, meta, mps) reached torch and ended in a
+    traceback, `meta` only after the data was read. The config still loads (a config is
+    machine-independent); train refuses it first."""
+    _no_data(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda[1])
+    cfg = TrainConfig.from_dict({"model": "resnet8", "dataset": "digits", "device": device,
+                                 "out": str(tmp_path / "m.pt")})
+    with pytest.raises(ValueError, match=match):
+        train(cfg, progress=False)
+
+
+def test_train_refuses_more_threads_than_cpus_before_setting_them(tmp_path, monkeypatch):
+    """torch.set_num_threads(10**6) was accepted and the process died with SIGSEGV."""
+    import os
+
+    _no_data(monkeypatch)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads were set"))
+    cfg = TrainConfig(model="resnet8", dataset="digits", out=str(tmp_path / "m.pt"),
+                      threads=10**6)
+    with pytest.raises(ValueError, match=rf"threads=1000000 is more than this machine's "
+                                         rf"{os.cpu_count()} CPUs; pass --threads"):
+        train(cfg, progress=False)
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"seed": 2**64}, r"seed must be an int in \[0, 2\*\*64 - 1\]"),  # was torch's "Overflow"
+    ({"device": 0}, r"device must be a device name \(a string\), got int 0; use 'cuda:0'"),
+    ({"device": None}, r"device must be a device name \(a string\), got NoneType None"),
+    ({"dataset": None}, r"unknown data set None; choose one of"),
+])
+def test_trainconfig_names_the_setting_for_values_torch_would_misread(tmp_path, bad, match):
+    """A seed past 2**64 - 1 failed in torch.manual_seed naming no setting; device 0 was read
+    by torch as cuda:0, None gave torch's multi-line signature dump."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({"model": "resnet8", "dataset": "digits",
+                               "out": str(tmp_path / "m.pt"), **bad})
+
+
+def test_config_from_dict_names_a_non_string_setting_name():
+    """{1: 3} was refused as "must be a dict ... got dict"."""
+    with pytest.raises(TypeError, match=r"setting names must be strings, got int 1; valid "
+                                        r"settings: model, dataset"):
+        TrainConfig.from_dict({1: 3})
+
+
+def test_allocate_refuses_an_empty_weights_path(capsys):
+    """`--weights ""` (an unset shell variable) silently pruned a random model, exit 0."""
+    assert main(["allocate", "--model", "resnet8", "--sparsity", "0.5", "--weights", ""]) == 2
+    assert ("--weights is empty; pass a checkpoint file, or drop --weights"
+            in capsys.readouterr().err)
+
+
+def test_allocate_names_num_classes_when_the_model_cannot_be_built(monkeypatch, capsys):
+    """--num-classes 1000000000 asked torch for a 256 GB head: a RuntimeError traceback."""
+    import sparse_repair.models as M
+
+    def create_model(name, num_classes):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "256000000000 bytes")
+
+    monkeypatch.setattr(M, "create_model", create_model)
+    assert main(["allocate", "--model", "resnet8", "--sparsity", "0.5",
+                 "--num-classes", "1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build resnet8 with --num-classes 1000000000 (DefaultCPUAllocator" in err
+    assert "pass the number of classes of the model's head" in err
