@@ -161,6 +161,18 @@ def _n_eval(text: str) -> int | None:
     return n
 
 
+def _int_or_none(text: str) -> int | None:
+    """An ``int | None`` field: an integer, or 'none' for the Python API's None (the field's
+    help says what None means, e.g. the data set's default resolution), so the default can
+    also be written out."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
 def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
@@ -178,7 +190,7 @@ def _json_object(text: str) -> dict:
 
 # How a config field's annotation (a string: `from __future__ import annotations`) is
 # read from the command line; bool fields are --flag/--no-flag.
-_PARSERS = {"str": str, "float": float, "int": int, "str | None": str, "int | None": int,
+_PARSERS = {"str": str, "float": float, "int": int, "str | None": str,
             "list[str]": _csv, "dict[str, dict]": _json_object}
 # Flag names kept from before the CLI was derived from RunConfig (README commands use them).
 _ALIASES = {"repairs": ["--repair"]}
@@ -215,6 +227,12 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
             text = text.replace("None = ", "'full' = ").replace("(default: None)",
                                                                  "(default: full)")
             p.add_argument(*flags, type=_n_eval, default=default, metavar="N|full", help=text)
+        elif f.type == "int | None":
+            # likewise: the API's None is written 'none' on the command line
+            text = text.replace("None = ", "'none' = ").replace("(default: None)",
+                                                                 "(default: none)")
+            p.add_argument(*flags, dest=f.name, type=_int_or_none, default=default,
+                           metavar="N|none", help=text)
         else:
             p.add_argument(*flags, dest=f.name, type=_PARSERS[f.type], default=default,
                            help=text)

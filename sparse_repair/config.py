@@ -9,6 +9,17 @@ from dataclasses import field, fields
 
 import torch
 
+# torch.manual_seed's range; its own error past it ("Overflow when unpacking long long") names
+# no setting, so configs check seeds against it.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed above ``MAX_SEED`` (call after the int >= 0 check). Raises ValueError."""
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**64 - 1] (torch's seed range), got "
+                         f"{seed}")
+
 
 def config_from_dict(cls, d: dict, what: str):
     """``cls(**d)`` for a config dataclass with a ``check()`` method (RunConfig, SelectConfig,

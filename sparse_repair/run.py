@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .allocation import allocate
-from .config import _opt, check_device, config_from_dict
+from .config import _opt, check_device, check_seed, config_from_dict
 from .data import calibration_set, get_spec, scoring_set, train_split_size
 from .evaluate import evaluate, label_free_scores, predict_logits
 from .pruning import prune_, sparsity_report
@@ -102,6 +102,7 @@ class RunConfig:
         integer("calib", 1)
         integer("scoring", 0)   # 0 = no label-free scores
         integer("seed", 0)
+        check_seed(self.seed)
         integer("n_eval", 1, none_ok=True)
         integer("resolution", 1, none_ok=True)
         for name in ("repairs", "exclude"):

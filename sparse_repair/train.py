@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import _opt, check_device, config_from_dict
+from .config import _opt, check_device, check_seed, config_from_dict
 from .data import DATASETS, get_spec, load_split, normalize
 from .evaluate import evaluate
 from .models import create_model, list_models
 from .progress import progress_bar
-
-_MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 @dataclass
@@ -138,9 +136,7 @@ def check_config(cfg: TrainConfig) -> None:
     integer("epochs", 1)
     integer("batch_size", 1)
     integer("seed", 0)
-    if cfg.seed > _MAX_SEED:  # torch.manual_seed's own error names no setting
-        raise ValueError(f"seed must be an int in [0, 2**64 - 1] (torch's seed range), got "
-                         f"{cfg.seed}")
+    check_seed(cfg.seed)
     integer("resolution", 1, none_ok=True)
     integer("threads", 1, none_ok=True)
     if not (number(cfg.lr) and cfg.lr > 0):

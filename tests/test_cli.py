@@ -141,6 +141,7 @@ def test_allocate_min_keep_flag_removes_layer_collapse_and_keeps_the_total(capsy
 @pytest.mark.parametrize(("bad", "match"), [
     ({"sparsity": 1.0}, "sparsity"), ({"scoring": -5}, "scoring must be an int >= 0"),
     ({"seed": 1.5}, "seed must be an int"), ({"calib": 0}, "calib must be an int >= 1"),
+    ({"seed": 2**64}, r"seed must be an int in \[0, 2\*\*64 - 1\]"),  # was torch's "Overflow"
     ({"n_eval": 0}, "n_eval"), ({"resolution": 0}, "resolution"),
     ({"device": "foo"}, "not a torch device"), ({"repairs": "bn_recal"}, "list of names"),
     ({"exclude": "conv1"}, "list of names"), ({"repair_options": ["bn_recal"]}, "JSON object"),
@@ -181,8 +182,13 @@ def test_train_flags_take_every_default_and_help_from_trainconfig():
     for f in dataclasses.fields(TrainConfig):
         assert defaults[f.name] == f.default, f"--{f.name}: CLI default differs from TrainConfig"
         assert f.metadata["help"], f"TrainConfig.{f.name} has no help text"
-        assert actions[f.name].help == f"{f.metadata['help']} (default: {f.default})"
-        assert f"{f.metadata['help']} (default: {f.default})" in help_text
+        # the API's None is spelled 'none' on the command line
+        text = f"{f.metadata['help']} (default: {f.default})"
+        if f.default is None:
+            text = text.replace("None = ", "'none' = ").replace("(default: None)",
+                                                                 "(default: none)")
+        assert actions[f.name].help == text
+        assert text in help_text
     assert "--overwrite, --no-overwrite" in help_text
 
 
@@ -383,3 +389,16 @@ def test_allocate_names_num_classes_when_the_model_cannot_be_built(monkeypatch, 
     err = capsys.readouterr().err
     assert "cannot build resnet8 with --num-classes 1000000000 (DefaultCPUAllocator" in err
     assert "pass the number of classes of the model's head" in err
+
+
+@pytest.mark.parametrize("command", ["run", "select", "train"])
+def test_an_int_or_none_setting_takes_none_on_the_command_line(command):
+    """A field whose API default is None (resolution: the data set's default) can be written
+    out as 'none', so every value the API takes has a spelling on the command line."""
+    p = _subparser(command)
+    assert p.parse_args(["--resolution", "none"]).resolution is None
+    assert p.parse_args(["--resolution", "None"]).resolution is None
+    assert p.parse_args(["--resolution", "64"]).resolution == 64
+    assert "'none' = " in p.format_help() and "N|none" in p.format_help()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--resolution", "sixty"])

@@ -161,6 +161,25 @@ def test_nan_calibration_images_are_named_by_index_and_nothing_changes(small):
     _assert_unchanged(model, before, "NaN calibration")
 
 
+def test_mixed_dtype_or_numpy_calibration_batches_are_refused_and_nothing_changes(small):
+    """torch.cat promotes a uint8 batch beside float ones silently (raw 0-255 pixels among
+    normalized images); a numpy batch gets the conversion named."""
+    import numpy as np
+
+    _, pruned, _ = small
+    model = copy.deepcopy(pruned)
+    before = _snapshot(model)
+    mixed = (b for b in [torch.randn(2, 3, 8, 8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8)])
+    with pytest.raises(TypeError, match=r"differ in dtype: batch 0 is torch.float32, batch 1 "
+                                        r"is torch.uint8"):
+        repair(model, "bn_recal", mixed)
+    with pytest.raises(TypeError, match=r"got ndarray \(torch.from_numpy"):
+        repair(model, "bn_recal", (b for b in [np.zeros((2, 3, 8, 8), np.float32)]))
+    with pytest.raises(ValueError, match="meta device"):
+        repair(model, "bn_recal", torch.empty(2, 3, 8, 8, device="meta"))
+    _assert_unchanged(model, before, "mixed calibration")
+
+
 def _fail_at(monkeypatch, method: str, k: int, how: str) -> list:
     """Patch ``method``'s per-BN update: at the k-th BN, after the real update wrote (so the
     BN really is changed), raise (how="raise") or write a NaN (how="nan")."""

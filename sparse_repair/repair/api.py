@@ -70,9 +70,10 @@ def as_image_tensor(calibration) -> torch.Tensor:
     Raises TypeError for any tuple or list, at the top level or as an item (what a labeled
     DataLoader yields), before any element of it is touched: a list of tensors is refused too,
     since [images, labels] and [images, targets] cannot be told from [batch, batch]; TypeError
-    for a dict, a non-tensor item or non-float images. ValueError for an empty set (no items,
-    or N = 0 or any other dimension 0), a shape other than 4-D, items whose [C, H, W] differ,
-    or NaN/Inf.
+    for a dict, a non-tensor item (a numpy array: the message names torch.from_numpy),
+    non-float images or items whose dtypes differ (torch.cat would promote raw uint8 pixels to
+    float silently). ValueError for an empty set (no items, or N = 0 or any other dimension
+    0), a shape other than 4-D, items whose [C, H, W] differ, meta tensors, or NaN/Inf.
     """
     if isinstance(calibration, (tuple, list)):
         raise TypeError(_LABELED)
@@ -87,8 +88,10 @@ def as_image_tensor(calibration) -> torch.Tensor:
             if isinstance(batch, (tuple, list, dict)):
                 raise TypeError(_LABELED.replace("calibration is", "calibration batches are"))
             if not isinstance(batch, torch.Tensor):
+                hint = (" (torch.from_numpy(batch) converts a numpy array)"
+                        if type(batch).__module__ == "numpy" else "")
                 raise TypeError(f"calibration batches must be image tensors, got "
-                                f"{type(batch).__name__}")
+                                f"{type(batch).__name__}{hint}")
             batches.append(batch)
     if not batches:
         raise ValueError("calibration set is empty: the iterable yielded no batch; pass at "
@@ -99,6 +102,15 @@ def as_image_tensor(calibration) -> torch.Tensor:
             where = "" if len(batches) == 1 else f" (batch {i})"
             raise ValueError(f"calibration images must be [N, C, H, W], got shape "
                              f"{tuple(b.shape)}{where}")
+        if b.dtype != batches[0].dtype:
+            # torch.cat would promote a uint8 batch to float silently: raw 0-255 pixels beside
+            # normalized images
+            raise TypeError(f"calibration batches differ in dtype: batch 0 is "
+                            f"{batches[0].dtype}, batch {i} is {b.dtype}; pass normalized float "
+                            f"images in every batch (sparse_repair.data.calibration_set)")
+        if b.device.type == "meta":
+            raise ValueError("calibration images are on the meta device, which holds no "
+                             "values; load them on a real device")
         if b.shape[1:] != batches[0].shape[1:]:
             raise ValueError(f"calibration batches differ in [C, H, W]: batch 0 is "
                              f"{tuple(batches[0].shape)}, batch {i} is {tuple(b.shape)}")
