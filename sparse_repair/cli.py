@@ -177,6 +177,19 @@ def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+class _ListFlag(argparse.Action):
+    """A list setting: comma-separated, and repeatable (``--exclude a --exclude b,c`` is
+    [a, b, c]); the first use replaces the default list, later uses add to it. argparse's own
+    "extend" would add to the default (every repair plus the named ones), and a plain flag
+    kept only the last of repeated uses, silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        # argparse puts the default object itself in the namespace; every use stores a new list
+        current = [] if current is self.default or current is None else current
+        setattr(namespace, self.dest, list(current) + list(values))
+
+
 def _json_object(text: str) -> dict:
     """--repair-options: a JSON object; bad JSON is argparse's usage error naming the flag and
     the JSON parser's complaint, with an example of the expected form."""
@@ -191,7 +204,7 @@ def _json_object(text: str) -> dict:
 # How a config field's annotation (a string: `from __future__ import annotations`) is
 # read from the command line; bool fields are --flag/--no-flag.
 _PARSERS = {"str": str, "float": float, "int": int, "str | None": str,
-            "list[str]": _csv, "dict[str, dict]": _json_object}
+            "dict[str, dict]": _json_object}
 # Flag names kept from before the CLI was derived from RunConfig (README commands use them).
 _ALIASES = {"repairs": ["--repair"]}
 
@@ -233,6 +246,9 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
                                                                  "(default: none)")
             p.add_argument(*flags, dest=f.name, type=_int_or_none, default=default,
                            metavar="N|none", help=text)
+        elif f.type == "list[str]":
+            p.add_argument(*flags, dest=f.name, type=_csv, action=_ListFlag, default=default,
+                           metavar="A,B,...", help=f"{text}; comma-separated, repeatable")
         else:
             p.add_argument(*flags, dest=f.name, type=_PARSERS[f.type], default=default,
                            help=text)
@@ -269,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=method, choices=list_allocators(),
                    help=f"allocator (sparse_repair.allocation registry) (default: {method})")
     p.add_argument("--sparsity", type=float, required=True, help="pruned fraction in [0, 1)")
-    p.add_argument("--exclude", action="append", default=[], help="layer name kept dense")
+    p.add_argument("--exclude", type=_csv, action=_ListFlag, default=[], metavar="A,B,...",
+                   help="layer names kept dense; comma-separated, repeatable (default: none)")
     p.add_argument("--min-keep", type=int, default=0, metavar="K",
                    help="keep at least K weights in every layer that is not excluded (K=1 "
                         "prevents layer collapse: a layer left with zero weights); the total "
@@ -284,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     # The whole evaluation split by default, as timm's validate and torchvision's references
     # report; a silent 2,000-image subset read as the model's accuracy (80.30 vs 81.03).
     _model_data_args(p, n_eval=None)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per forward pass (default: 128)")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 

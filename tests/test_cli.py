@@ -402,3 +402,37 @@ def test_an_int_or_none_setting_takes_none_on_the_command_line(command):
     assert "'none' = " in p.format_help() and "N|none" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args(["--resolution", "sixty"])
+
+
+@pytest.mark.parametrize(("command", "flag", "dest"), [
+    ("run", "--exclude", "exclude"), ("run", "--repairs", "repairs"),
+    ("select", "--allocations", "allocations"), ("select", "--repairs", "repairs"),
+    ("allocate", "--exclude", "exclude"),
+])
+def test_a_list_flag_is_comma_separated_and_repeatable_and_replaces_its_default(command, flag,
+                                                                                dest):
+    """Repeating a list flag used to keep only its last use (run, select) or to refuse a
+    comma list (allocate --exclude); now both forms work on every subcommand, and the first use
+    replaces the default instead of adding to it (argparse's own "extend" would)."""
+    required = ["--model", "resnet20", "--sparsity", "0.9"] if command == "allocate" else []
+    p = _subparser(command)
+    assert getattr(p.parse_args(required + [flag, "a,b", flag, "c"]), dest) == ["a", "b", "c"]
+    assert getattr(p.parse_args(required + [flag, "c"]), dest) == ["c"]
+    default = getattr(p.parse_args(required), dest)
+    assert getattr(p.parse_args(required), dest) == default   # the default is not mutated
+    assert "comma-separated, repeatable" in " ".join(p.format_help().split())
+
+
+def test_study_run_help_shows_every_executor_default():
+    from sparse_repair.study.executors import ExecutorConfig
+
+    parser = build_parser()
+    study = next(a for a in parser._actions if a.dest == "command").choices["study"]
+    run = next(a for a in study._actions if a.dest == "study_command").choices["run"]
+    text = " ".join(run.format_help().split())
+    d = ExecutorConfig()
+    for shown in (f"(default: {d.name})", f"(default: {d.retries})",
+                  f"(default: {d.cpus_per_task})", f"(default: {d.slurm_time_min})",
+                  f"(default: {d.slurm_parallelism})", f"(default: {d.slurm_folder})"):
+        assert shown in text
+    assert all(a.help for a in run._actions), "every study run flag has a help text"

@@ -16,11 +16,12 @@ def add_study_parser(sub) -> None:
         q = ssub.add_parser(name, help=helptext)
         q.add_argument("study", help="study TOML file")
         q.add_argument("--db", default=None, help="SQLite file (default results/<study>.sqlite)")
-        q.add_argument("--assets", default=None)
+        q.add_argument("--assets", default=None,
+                       help="asset root (else $SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair)")
         if name == "run":
             _add_executor_options(q)
         if name == "report":
-            q.add_argument("--out", required=True)
+            q.add_argument("--out", required=True, help="folder for report.md, CSVs and plots")
         q.set_defaults(func=HANDLERS[name])
 
 
@@ -29,10 +30,14 @@ def _add_executor_options(q) -> None:
 
     d = ExecutorConfig()
     q.add_argument("--executor", default=d.name, choices=EXECUTORS,
-                   help="local: in-process; ray: Ray tasks; slurm: submitit job arrays")
+                   help=f"local: in-process; ray: Ray tasks; slurm: submitit job arrays "
+                        f"(default: {d.name})")
     q.add_argument("--retries", type=int, default=d.retries,
-                   help="extra attempts for a run that raises or whose worker dies")
-    q.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task)
+                   help=f"extra attempts for a run that raises or whose worker dies "
+                        f"(default: {d.retries})")
+    q.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task,
+                   help=f"CPU slots reserved per run with ray or slurm "
+                        f"(default: {d.cpus_per_task})")
     q.add_argument("--gpus-per-task", type=int, default=None,
                    help="default: 1 when the study's device is CUDA, else 0")
     q.add_argument("--ray-address", default=None,
@@ -40,13 +45,17 @@ def _add_executor_options(q) -> None:
                         "default: start a local one")
     q.add_argument("--slurm-cluster", default=None,
                    help="submitit cluster: default auto (Slurm when sbatch exists); 'local'")
-    q.add_argument("--slurm-partition", default=None)
+    q.add_argument("--slurm-partition", default=None,
+                   help="Slurm partition (default: the cluster's default)")
     q.add_argument("--slurm-time-min", type=int, default=d.slurm_time_min,
-                   help="wall-clock limit per array task, minutes")
+                   help=f"wall-clock limit per array task, minutes (default: "
+                        f"{d.slurm_time_min})")
     q.add_argument("--slurm-parallelism", type=int, default=d.slurm_parallelism,
-                   help="array tasks running at once")
+                   help=f"array tasks running at once (default: {d.slurm_parallelism})")
+    # argparse %-formats help texts: the folder's %j (submitit's job id) is written %%j
     q.add_argument("--slurm-folder", default=d.slurm_folder,
-                   help="submitit logs and pickles; must be on the shared filesystem")
+                   help=f"submitit logs and pickles; must be on the shared filesystem "
+                        f"(default: {d.slurm_folder.replace('%', '%%')})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
