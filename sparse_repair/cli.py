@@ -86,7 +86,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_split(args.dataset, get_spec(args.dataset).splits[1], download=True)
     result = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
                       device=args.device, resolution=resolution, progress=not args.json)
+    from .assets import asset_root
+
     result["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    result["config"]["assets"] = str(asset_root())  # the root in effect, from flag or env
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -87,6 +87,10 @@ def test_eval_prints_which_images_it_used(capsys):
                  "--json"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["subset"] == "full" and full["n"] == 364 and full["split"] == "test"
+    # the asset root in effect is recorded, even when it came from the environment
+    from sparse_repair.assets import asset_root
+
+    assert full["config"]["assets"] == str(asset_root())
     assert main(["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
                  "--n-eval", "100"]) == 0
     out = capsys.readouterr().out
