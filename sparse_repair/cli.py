@@ -338,8 +338,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and its subcommands, recursively."""
+    out: set[str] = set()
+    for a in parser._actions:
+        out.update(a.option_strings)
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out |= _flags(sub)
+    return out
+
+
+def _as_flag(message: str, flags: set[str]) -> str:
+    """A config check's message names the Python setting ("batch_size must be an int >= 1");
+    on the command line, name the flag the user typed ("--batch-size must be ...")."""
+    import re
+
+    m = re.match(r"([a-z][a-z0-9_]*) ", message)
+    flag = m and "--" + m.group(1).replace("_", "-")
+    if flag and flag in flags:
+        return flag + message[m.end(1):]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _apply_assets(args)
     from .runtime import tune_allocator
 
@@ -347,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"sparse-repair: error: {e}", file=sys.stderr)
+        print(f"sparse-repair: error: {_as_flag(str(e), _flags(parser))}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # an optional dependency (the message names the extra)
         print(f"sparse-repair: error: {e}", file=sys.stderr)

@@ -138,7 +138,7 @@ def test_allocate_min_keep_flag_removes_layer_collapse_and_keeps_the_total(capsy
     assert all(layer["kept"] >= 1 for layer in floored["layers"])
     assert floored["total"]["kept"] == plain["total"]["kept"] == 75  # 74800 - round(.999 N)
     assert main(args + ["--min-keep", "-1"]) == 2
-    assert "min_keep must be >= 0" in capsys.readouterr().err
+    assert "--min-keep must be >= 0" in capsys.readouterr().err  # named as the flag typed
     assert "--min-keep" in _subparser("allocate").format_help()
 
 
@@ -303,7 +303,7 @@ def test_train_refuses_an_out_it_could_not_write_before_any_data_is_read(
     if "\0" not in out:
         assert main(["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1",
                      "--out", str(tmp_path / out)]) == 2
-        assert "sparse-repair: error: out" in capsys.readouterr().err
+        assert "sparse-repair: error: --out " in capsys.readouterr().err  # the flag typed
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -440,3 +440,13 @@ def test_study_run_help_shows_every_executor_default():
                   f"(default: {d.slurm_parallelism})", f"(default: {d.slurm_folder})"):
         assert shown in text
     assert all(a.help for a in run._actions), "every study run flag has a help text"
+
+
+def test_an_error_names_the_flag_the_user_typed_not_the_python_setting(capsys, tmp_path):
+    """Config checks speak of settings ("batch_size must be ..."); the command line names the
+    flag (--batch-size). A message that starts with a positional's name (study) is unchanged."""
+    assert main(["train", "--model", "resnet8", "--dataset", "digits", "--batch-size", "0",
+                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert capsys.readouterr().err.startswith("sparse-repair: error: --batch-size must be an int")
+    assert main(["study", "status", str(tmp_path / "none.toml")]) == 2
+    assert capsys.readouterr().err.startswith("sparse-repair: error: study file not found")
