@@ -208,6 +208,28 @@ def _json_object(text: str) -> dict:
 # read from the command line; bool fields are --flag/--no-flag.
 _PARSERS = {"str": str, "float": float, "int": int, "str | None": str,
             "dict[str, dict]": _json_object}
+
+
+def _models() -> list[str]:
+    from .models import list_models
+
+    return list_models()
+
+
+def _datasets() -> list[str]:
+    from .data import list_datasets
+
+    return list_datasets()
+
+
+def _allocators() -> list[str]:
+    from .allocation import list_allocators
+
+    return list_allocators()
+
+
+# Fields whose value is a registry name: their help lists the names.
+_REGISTRY_FIELDS = {"model": _models, "dataset": _datasets, "allocation": _allocators}
 # Flag names kept from before the CLI was derived from RunConfig (README commands use them).
 _ALIASES = {"repairs": ["--repair"]}
 
@@ -234,6 +256,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, names: list[str] | Non
             text = f"{text} (default: {shown})"
         else:
             text = f"{text} ({shown})"
+        if f.name in _REGISTRY_FIELDS:  # name the choices where the user reads the help
+            text = f"{text}; one of: {', '.join(_REGISTRY_FIELDS[f.name]())}"
         flags = [flag] + _ALIASES.get(f.name, [])
         if f.type == "bool":
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,

@@ -191,7 +191,9 @@ def test_train_flags_take_every_default_and_help_from_trainconfig():
         if f.default is None:
             text = text.replace("None = ", "'none' = ").replace("(default: None)",
                                                                  "(default: none)")
-        assert actions[f.name].help == text
+        if f.name in ("model", "dataset"):  # the help names the registry's choices
+            text += "; one of: "
+        assert actions[f.name].help.startswith(text)
         assert text in help_text
     assert "--overwrite, --no-overwrite" in help_text
 
@@ -450,3 +452,13 @@ def test_an_error_names_the_flag_the_user_typed_not_the_python_setting(capsys, t
     assert capsys.readouterr().err.startswith("sparse-repair: error: --batch-size must be an int")
     assert main(["study", "status", str(tmp_path / "none.toml")]) == 2
     assert capsys.readouterr().err.startswith("sparse-repair: error: study file not found")
+
+
+@pytest.mark.parametrize("command", ["run", "select", "train"])
+def test_model_and_dataset_help_list_the_registered_names(command):
+    from sparse_repair.data import list_datasets
+    from sparse_repair.models import list_models
+
+    text = " ".join(_subparser(command).format_help().split())
+    assert f"one of: {', '.join(list_models())}" in text
+    assert f"one of: {', '.join(list_datasets())}" in text
