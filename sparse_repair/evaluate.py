@@ -110,8 +110,8 @@ def label_free_scores(logits: torch.Tensor, dense_logits: torch.Tensor, per_imag
         is better; the distillation objective of Hinton et al. 2015, so a pruned model
         scores well only where it reproduces the dense model's full softmax, not just its
         argmax)}. Computed in float64. The KL is >= 0 in exact arithmetic; for (near-)
-        identical logits rounding can leave a per-image KL slightly below 0 (measured: down
-        to -5e-16 for float64 logits perturbed by 1e-15; identical logits give exactly 0). It
+        identical logits rounding can leave a per-image KL slightly below 0 (of order -1e-16
+        for float64 logits perturbed by 1e-15; identical logits give exactly 0). It
         is reported as computed, not clamped, so no real difference is hidden; compare KLs
         with a tolerance of ~1e-12. With ``per_image=True`` also "per_image": {"agreement":
         float64 [N] of 0.0 or 100.0, "kl": float64 [N] in nats}, the values whose means these
