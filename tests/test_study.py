@@ -877,3 +877,161 @@ def test_report_keeps_runs_of_different_calibration_sizes_apart(tmp_path, monkey
     assert cells == {"resnet8-calib256": 40.5, "resnet8-calib1024": 60.5}, cells
     same = [dict(r, config=_json.dumps({"calib": 1024})) for r in rows]
     assert {r["model"] for r in report.split_settings(same)} == {"resnet8"}
+
+
+# ----------------------------------------------------------------------------- snapshots
+# A store lives under the ignored results/; a snapshot file carries its finished runs across
+# machines and sessions (the fifth session's 209-run evidence store was lost with its checkout).
+
+def _table(db: Path, name: str) -> list[tuple]:
+    with sqlite3.connect(db) as c:
+        return sorted(c.execute(f"SELECT * FROM {name}").fetchall(), key=repr)
+
+
+def test_snapshot_round_trip_restores_every_table_bit_for_bit(finished, no_pipeline, tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    snap = tmp_path / "s.runs.jsonl.gz"
+    assert study_api.export(path, snap, db=db, layer_stats="all")["runs"] == 2
+    copy = tmp_path / "copy.sqlite"
+    got = study_api.import_(path, snap, db=copy)
+    assert (got["imported"], got["already_done"], got["done"]) == (2, 0, 2), got
+    for name in ("results", "runs", "allocation_layers", "repair_layers"):
+        assert _table(copy, name) == _table(db, name), f"{name} changed in the round trip"
+    a = study_api.report(path, tmp_path / "a", db=db)
+    b = study_api.report(path, tmp_path / "b", db=copy)
+    assert a["plots"] == b["plots"] and a["skipped"] == b["skipped"] == []
+    for f in ("report.md", "cells.csv", "differences.csv"):
+        assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text(), f
+
+
+def test_snapshot_bytes_depend_only_on_the_store(finished, tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    study_api.export(path, tmp_path / "1.gz", db=db)
+    time.sleep(1.1)  # gzip would stamp the second file with another mtime
+    study_api.export(path, tmp_path / "2.gz", db=db)
+    assert (tmp_path / "1.gz").read_bytes() == (tmp_path / "2.gz").read_bytes()
+
+
+def test_snapshot_keeps_per_channel_statistics_only_of_the_runs_given(finished, tmp_path):
+    from sparse_repair.study.store import read_snapshot
+
+    path, db = finished
+    ids = [rid for rid, _ in load_study(path).runs]
+    store = Store(db)
+    store.export(tmp_path / "s.gz", ids, layer_stats=ids[:1])
+    store.close()
+    _, records = read_snapshot(tmp_path / "s.gz")
+    assert records[ids[0]]["repair_layers"] and not records[ids[1]]["repair_layers"]
+    assert all(records[r]["allocation_layers"] and records[r]["results"] for r in ids), \
+        "results and allocations are always written whole"
+
+
+def test_layer_plot_runs_are_the_first_models_lowest_seed_nearest_0_9(tmp_path):
+    from sparse_repair.study.spec import layer_plot_runs
+
+    study = load_study(_study(tmp_path, sparsities=(0.8, 0.85, 0.95), seeds=(0, 1)))
+    by = {(c.allocation, c.sparsity, c.seed): rid for rid, c in study.runs}
+    assert layer_plot_runs(study, set()) == (None, {})
+    # 0.85 and 0.95 are equally near 0.9: the lower one; seed 0 missing for LAMP: seed 1
+    done = {by["erk", 0.85, 0], by["erk", 0.85, 1], by["lamp", 0.85, 1], by["erk", 0.95, 0]}
+    assert layer_plot_runs(study, done) == (0.85, {"erk": (by["erk", 0.85, 0], 0),
+                                                   "lamp": (by["lamp", 0.85, 1], 1)})
+    assert layer_plot_runs(study, {by["lamp", 0.8, 1]}) == (0.8, {"lamp": (by["lamp", 0.8, 1], 1)})
+
+
+def test_export_refuses_to_drop_runs_a_snapshot_already_holds(finished, tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    snap = tmp_path / "s.gz"
+    study_api.export(path, snap, db=db)
+    before = snap.read_bytes()
+    emptier = tmp_path / "emptier.sqlite"  # a fresh checkout's store, before importing
+    Store(emptier).close()
+    with pytest.raises(ValueError, match="holds 2 done run.*Import it first"):
+        study_api.export(path, snap, db=emptier)
+    assert snap.read_bytes() == before, "a refused export must leave the snapshot as it was"
+    assert study_api.export(path, snap, db=emptier, overwrite=True)["runs"] == 0
+    with pytest.raises(FileNotFoundError, match="no result store"):
+        study_api.export(path, snap, db=tmp_path / "missing.sqlite")
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_import_keeps_done_runs_replaces_failed_ones_and_skips_other_studies(finished,
+                                                                             tmp_path):
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    snap = tmp_path / "s.gz"
+    study_api.export(path, snap, db=db)
+    ids = [rid for rid, _ in load_study(path).runs]
+    target = tmp_path / "t.sqlite"
+    store = Store(target)
+    store.write_failure(ids[1], {}, "Traceback: boom")
+    store.close()
+    study_api.import_(path, snap, db=target)
+    again = study_api.import_(path, snap, db=target)
+    assert (again["imported"], again["already_done"]) == (0, 2), again
+    assert _table(target, "results") == _table(db, "results")
+    other = _study(tmp_path, sparsities=(0.5,), name="other")  # shares no run with the snapshot
+    got = study_api.import_(other, snap, db=tmp_path / "o.sqlite")
+    assert (got["imported"], got["not_in_study"], got["done"]) == (0, 2, 0), got
+
+
+@pytest.mark.parametrize("damage", ["not gzip", "truncated", "bad json", "no header",
+                                    "wrong count", "unknown column", "failed run",
+                                    "nested value"])
+def test_a_damaged_snapshot_is_refused_before_anything_is_written(finished, tmp_path, damage):
+    import gzip
+    import json
+
+    from sparse_repair import study as study_api
+
+    path, db = finished
+    snap = tmp_path / "s.gz"
+    study_api.export(path, snap, db=db)
+    lines = gzip.open(snap, "rt").read().splitlines()
+    if damage == "not gzip":
+        snap.write_text("\n".join(lines))
+    elif damage == "truncated":
+        snap.write_bytes(snap.read_bytes()[:-40])
+    else:
+        if damage == "bad json":
+            lines[1] = lines[1][:-5]
+        elif damage == "no header":
+            lines = lines[1:]
+        elif damage == "wrong count":
+            lines = lines[:-1]
+        else:
+            rec = json.loads(lines[2])
+            if damage == "unknown column":
+                rec["results"][0]["top1; DROP TABLE runs"] = 1
+            elif damage == "nested value":
+                rec["results"][0]["top1"] = [91.7]
+            else:
+                rec["runs"]["status"] = "failed"
+            lines[2] = json.dumps(rec)
+        snap.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    target = tmp_path / "t.sqlite"
+    with pytest.raises(ValueError, match=str(snap.name)):
+        study_api.import_(path, snap, db=target)
+    assert not target.exists(), "a refused import must not even create the store"
+
+
+def test_cli_exports_and_imports_and_names_a_bad_snapshot(finished, tmp_path):
+    path, db = finished
+    snap = tmp_path / "s.runs.jsonl.gz"
+    r = _cli("export", str(path), "--db", str(db), "--out", str(snap))
+    assert r.returncode == 0 and "2 of 2 runs ->" in r.stdout, r.stderr
+    r = _cli("import", str(path), str(snap), "--db", str(tmp_path / "n.sqlite"))
+    assert r.returncode == 0 and "imported 2 runs" in r.stdout and "2 of 2 runs done" in r.stdout
+    r = _cli("run", str(path), "--db", str(tmp_path / "n.sqlite"))
+    assert r.returncode == 0 and "0 to run" in r.stdout, "a run after an import must resume"
+    (tmp_path / "junk.gz").write_text("junk")
+    r = _cli("import", str(path), str(tmp_path / "junk.gz"), "--db", str(tmp_path / "j.sqlite"))
+    assert r.returncode != 0 and "not a study snapshot" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "j.sqlite").exists()

@@ -5,6 +5,8 @@ a SQLite result store, statistics and reports (docs/study.md).
     study.run("studies/tiny.toml")                  # -> RunSummary
     study.status("studies/tiny.toml")               # -> dict
     study.report("studies/tiny.toml", "report/")    # -> dict
+    study.export("studies/tiny.toml", "tiny.runs.jsonl.gz")   # a committable snapshot
+    study.import_("studies/tiny.toml", "tiny.runs.jsonl.gz")  # into the store, to resume
 
 Modules: ``api`` (these functions), ``spec`` (study files and run ids), ``driver`` (the sweep
 loop, sole writer of the store), ``executors`` (local, Ray, Slurm), ``store`` (SQLite),
@@ -12,6 +14,6 @@ loop, sole writer of the store), ``executors`` (local, Ray, Slurm), ``store`` (S
 (`sparse-repair study`).
 """
 
-from .api import RunSummary, load, report, run, status
+from .api import RunSummary, export, import_, load, report, run, status
 
-__all__ = ["RunSummary", "load", "report", "run", "status"]
+__all__ = ["RunSummary", "export", "import_", "load", "report", "run", "status"]

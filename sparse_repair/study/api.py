@@ -4,8 +4,11 @@
     summary = study.run("studies/tiny.toml", db="results/tiny.sqlite")   # RunSummary
     study.status("studies/tiny.toml", db="results/tiny.sqlite")          # dict
     study.report("studies/tiny.toml", "report/", db="results/tiny.sqlite")  # dict
+    study.export("studies/tiny.toml", "studies/tiny.runs.jsonl.gz")         # runs written
+    study.import_("studies/tiny.toml", "studies/tiny.runs.jsonl.gz")        # dict of counts
 
-``sparse-repair study run|status|report`` (``study/cli.py``) is a thin layer over these three.
+``sparse-repair study run|status|report|export|import`` (``study/cli.py``) is a thin layer over
+these.
 A study is a TOML file (``spec.py``) or a loaded ``Study``; its store defaults to
 ``results/<study name>.sqlite`` under the working directory.
 """
@@ -21,7 +24,7 @@ from .executors import ExecutorConfig, TaskFn
 from .spec import Study, load_study
 from .store import Store
 
-__all__ = ["RunSummary", "load", "report", "run", "status"]
+__all__ = ["RunSummary", "export", "import_", "load", "report", "run", "status"]
 
 StudyLike = str | os.PathLike | Study
 
@@ -166,5 +169,67 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     try:
         ids = {rid for rid, _ in st.runs}
         return write_report(st, store.rows(ids), Path(out), store=store)
+    finally:
+        store.close()
+
+
+def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | None = None,
+           overwrite: bool = False, layer_stats: str = "plotted") -> dict:
+    """Write the study's done runs (only the runs its file expands to) from its store to the
+    snapshot file ``out`` (``Store.export``: gzip JSON Lines), a file that can be committed so
+    that finished runs outlive the machine or session the store is on; ``import_`` loads it
+    into a store and ``run`` then resumes from there.
+
+    ``layer_stats``: "plotted" (default) keeps the per-channel repair statistics only of the
+    runs the report's per-layer plots use (``spec.layer_plot_runs``), which keeps a run's
+    record near 2 kB instead of 60 kB (ResNet-20; more for deeper models); "all" keeps every
+    run's. Results, scores, timings and per-layer allocations are always written whole.
+
+    Returns {"snapshot": path, "runs": runs written, "runs_total": runs of the study}. Raises
+    FileNotFoundError / ValueError for a bad study file, FileNotFoundError when the store does
+    not exist (nothing to export; the path is named), and ValueError when ``out`` holds runs
+    that this export would drop (import it first) unless ``overwrite``."""
+    from .spec import layer_plot_runs
+
+    if layer_stats not in ("plotted", "all"):
+        raise ValueError(f"layer_stats={layer_stats!r}; use 'plotted' or 'all'")
+    st = load(study)
+    path = db_path(st, db)
+    if not path.exists():
+        raise FileNotFoundError(f"no result store {path}: run the study first, or pass the "
+                                f"store with db= (--db)")
+    store = Store(path)
+    try:
+        ids = [rid for rid, _ in st.runs]
+        keep = None
+        if layer_stats == "plotted":
+            keep = [rid for rid, _ in layer_plot_runs(st, store.done())[1].values()]
+        n = store.export(out, ids, study=st.name, overwrite=overwrite, layer_stats=keep)
+    finally:
+        store.close()
+    return {"snapshot": str(out), "runs": n, "runs_total": len(ids)}
+
+
+def import_(study: StudyLike, snapshot: str | os.PathLike, db: str | os.PathLike | None = None
+            ) -> dict:
+    """Load the runs of ``snapshot`` (written by ``export``) that belong to the study into its
+    store (created if needed), so that ``run`` resumes after them and ``report`` includes them.
+    Runs already done in the store are kept; runs of other studies are skipped and counted.
+
+    Returns {"db": store path, "imported", "already_done", "not_in_study": runs, "done",
+    "runs_total": the store's done runs of this study after the import, and the study's
+    size}. Raises FileNotFoundError / ValueError for a bad study file or snapshot (nothing is
+    written then)."""
+    from .store import read_snapshot
+
+    st = load(study)
+    read_snapshot(snapshot)  # a bad snapshot is refused before a store is created
+    store = Store(db_path(st, db))
+    try:
+        ids = [rid for rid, _ in st.runs]
+        counts = store.import_(snapshot, ids)
+        done = store.done()
+        return {"db": str(store.path), **counts, "done": sum(r in done for r in ids),
+                "runs_total": len(ids)}
     finally:
         store.close()

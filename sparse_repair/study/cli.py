@@ -1,5 +1,5 @@
-"""`sparse-repair study {run,status,report}`: argparse in, printed text and exit status out.
-Everything else is the study API (``api.py``), which these handlers call."""
+"""`sparse-repair study {run,status,report,export,import}`: argparse in, printed text and exit
+status out. Everything else is the study API (``api.py``), which these handlers call."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ def add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="resumable sweeps with statistics and plots")
     ssub = p.add_subparsers(dest="study_command", required=True)
     for name, helptext in (("run", "run (or resume) a study"), ("status", "progress of a study"),
-                           ("report", "tables, regimes and plots")):
+                           ("report", "tables, regimes and plots"),
+                           ("export", "write the finished runs to a snapshot file to commit"),
+                           ("import", "load a snapshot's runs into the store, to resume")):
         q = ssub.add_parser(name, help=helptext)
         q.add_argument("study", help="study TOML file")
+        if name == "import":
+            q.add_argument("snapshot", help="snapshot file written by `study export`")
         q.add_argument("--db", default=None, help="SQLite file (default results/<study>.sqlite)")
         q.add_argument("--assets", default=None,
                        help="asset root (else $SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair)")
@@ -22,6 +26,16 @@ def add_study_parser(sub) -> None:
             _add_executor_options(q)
         if name == "report":
             q.add_argument("--out", required=True, help="folder for report.md, CSVs and plots")
+        if name == "export":
+            q.add_argument("--out", required=True,
+                           help="snapshot file (gzip JSON Lines), e.g. studies/NAME.runs.jsonl.gz")
+            q.add_argument("--overwrite", action="store_true",
+                           help="replace a snapshot that holds runs the store lacks "
+                                "(default: refuse; import it first)")
+            q.add_argument("--layer-stats", choices=("plotted", "all"), default="plotted",
+                           help="whose per-channel repair statistics to keep: the runs the "
+                                "report plots (default; ~2 kB per other run) or all (~60 kB "
+                                "per ResNet-20 run)")
         q.set_defaults(func=HANDLERS[name])
 
 
@@ -109,4 +123,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"run": cmd_run, "status": cmd_status, "report": cmd_report}
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import api
+
+    out = api.export(args.study, args.out, db=args.db, overwrite=args.overwrite,
+                     layer_stats=args.layer_stats)
+    print(f"{out['runs']} of {out['runs_total']} runs -> {out['snapshot']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import api
+
+    out = api.import_(args.study, args.snapshot, db=args.db)
+    print(f"imported {out['imported']} runs ({out['already_done']} already done, "
+          f"{out['not_in_study']} not in this study) -> {out['db']}: {out['done']} of "
+          f"{out['runs_total']} runs done")
+    return 0
+
+
+HANDLERS = {"run": cmd_run, "status": cmd_status, "report": cmd_report, "export": cmd_export,
+            "import": cmd_import}

@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - the `plot` extra is installed in 
 
 from ..regime import FAIL_FACTOR, RECOVERY_MARGIN_PT, fail_threshold, recovering_repairs
 from ..select import evidence as selection_evidence
-from .spec import Study
+from .spec import Study, layer_plot_runs
 from .stats import (
     MIN_SEEDS_FOR_SIGNIFICANCE,
     describe_interval,
@@ -615,15 +615,12 @@ def _layer_plots(study: Study, df: pd.DataFrame, out: Path, plt, store, skipped:
     0.9 (the lowest seed's run of each allocation), from the store's per-layer tables."""
     _, cfg = study.runs[0]
     sel = df[(df["model"] == cfg.model) & (df["dataset"] == cfg.dataset)]
-    if store is None or sel.empty:
+    sparsity, chosen = layer_plot_runs(study, set(df["run_id"]))
+    if store is None or not chosen:
         skipped.append("per-layer plots: " + ("no result store was given" if store is None else
                                               f"no finished run of {cfg.model}/{cfg.dataset}"))
         return []
-    sparsity = float(min(set(sel["sparsity"]), key=lambda s: abs(s - 0.9)))
-    first = (sel[sel["sparsity"] == sparsity].sort_values(["seed", "run_id"])
-             .groupby("allocation", sort=False)[["run_id", "seed"]].first())
-    runs = {a: (first.loc[a, "run_id"], int(first.loc[a, "seed"]))
-            for a in sorted(first.index, key=_alloc_order)}
+    runs = {a: chosen[a] for a in sorted(chosen, key=_alloc_order)}
     where = f"{cfg.model} at sparsity {sparsity}"
     files = []
 

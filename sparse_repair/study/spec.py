@@ -42,6 +42,28 @@ class Study:
     raw: dict
 
 
+def layer_plot_runs(study: Study, done: set[str]
+                    ) -> tuple[float | None, dict[str, tuple[str, int]]]:
+    """The runs the report's per-layer plots draw from, among the ``done`` run ids: the study's
+    first model and data set, at its finished sparsity nearest 0.9 (the lower one on a tie),
+    the lowest seed of each allocation. Returns (sparsity, {allocation: (run id, seed)}), or
+    (None, {}) when that model has no finished run. ``study export`` keeps the per-channel
+    repair statistics of exactly these runs, so a report from an imported snapshot draws the
+    same plots."""
+    _, first = study.runs[0]
+    runs = [(rid, c) for rid, c in study.runs if rid in done
+            and (c.model, c.dataset) == (first.model, first.dataset)]
+    if not runs:
+        return None, {}
+    # rounded: |0.95 - 0.9| < |0.85 - 0.9| in binary floating point, a tie in decimal
+    sparsity = min({c.sparsity for _, c in runs}, key=lambda s: (round(abs(s - 0.9), 9), s))
+    chosen: dict[str, tuple[str, int]] = {}
+    for rid, c in sorted(runs, key=lambda t: (t[1].seed, t[0])):
+        if c.sparsity == sparsity:
+            chosen.setdefault(c.allocation, (rid, c.seed))
+    return sparsity, chosen
+
+
 def run_id(cfg: RunConfig) -> str:
     """Hash of the resolved configuration without the repair list: one run = one pruned model
     (model, data set, allocation, sparsity, seed, ...); its repairs are rows of that run."""
