@@ -65,6 +65,13 @@ def test_regret_within_half_a_point_counts_as_a_hit_and_regimes_average_seeds():
     assert s["rules"]["select"]["per_seed"]["hit"] == 0.5
     assert s["regimes"][0]["select"] == pytest.approx(0.7)      # mean of 0.4 and 1.0
     assert s["rules"]["select"]["per_regime"]["hit"] == 0.0     # 0.7 > 0.5
+    # the single seeds missed by more than 0.5 pt are named (seed 0, 0.4 pt, is not), with
+    # both candidates' top-1
+    assert [(m["seed"], m["chose"], m["best"], m["regret"]) for m in s["misses"]] == \
+        [(1, "lamp+reconstruct", "erk+reconstruct", pytest.approx(1.0))]
+    text = "\n".join(E.markdown(_rows(0, close) + _rows(1, far)))
+    assert "- resnet20/cifar10 0.9 seed 1: chose lamp+reconstruct (60.00), best " \
+        "erk+reconstruct (61.00), regret 1.00" in text, text
 
 
 def test_rows_without_label_free_scores_are_not_selections():

@@ -173,9 +173,11 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
     regimes, as the goal averages; the best any fixed pair could do; absent when no pair is in
     every selection, e.g. a pair one model lacks),
     "regimes": [{"model", "dataset", "sparsity", "seeds", "candidates", "choices", rule: mean
-    regret, ...}], "correlation": {criterion:
-    {"spearman_mean", "spearman_min", "n"}}, "goal_met": bool | None}. "hit" is the share (0-1)
-    within ``WITHIN_PT`` of the best; regrets in pt. Spearman rank correlations are per
+    regret, ...}], "misses": [{"model", "dataset", "sparsity", "seed", "chose", "chose_top1",
+    "best", "best_top1", "regret"}] (each single selection whose choice is more than
+    ``WITHIN_PT`` below its best candidate, pairs as "allocation+repair"), "correlation":
+    {criterion: {"spearman_mean", "spearman_min", "n"}}, "goal_met": bool | None}. "hit" is the
+    share (0-1) within ``WITHIN_PT`` of the best; regrets in pt. Spearman rank correlations are per
     selection (higher agreement and lower KL should both mean higher top-1, so KL's sign is
     flipped), then averaged; a selection whose top-1 or score is constant is skipped.
     Raises ValueError for an unknown criterion.
@@ -190,7 +192,8 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
     choices: dict[tuple, list[str]] = defaultdict(list)
     corr: dict[str, list[float]] = defaultdict(list)
     pairs: dict[tuple[str, str], list[tuple[tuple, float]]] = defaultdict(list)
-    for (model, dataset, sp, _seed), cands in sel.items():
+    misses = []
+    for (model, dataset, sp, seed), cands in sel.items():
         for c in cands:
             pairs[(c["allocation"], c["repair"])].append(
                 ((model, dataset, sp), _regret(cands, c)))
@@ -201,6 +204,13 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
                 by_regime[(model, dataset, sp)][rule].append(r)
         i = choose(cands, criterion)
         choices[(model, dataset, sp)].append(f"{cands[i]['allocation']}+{cands[i]['repair']}")
+        if regrets["select"] is not None and regrets["select"] > WITHIN_PT + 1e-9:
+            best = max(cands, key=lambda c: c["top1"])
+            misses.append({"model": model, "dataset": dataset, "sparsity": sp, "seed": seed,
+                           "chose": f"{cands[i]['allocation']}+{cands[i]['repair']}",
+                           "chose_top1": cands[i]["top1"],
+                           "best": f"{best['allocation']}+{best['repair']}",
+                           "best_top1": best["top1"], "regret": regrets["select"]})
         top1 = np.array([c["top1"] for c in cands])
         for crit in CRITERIA:
             score = np.array([c[crit] for c in cands]) * (-1.0 if crit == "kl" else 1.0)
@@ -253,6 +263,8 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
     return {"criterion": criterion, "n_selections": len(sel), "n_incomplete": len(incomplete),
             "n_regimes": len(regimes),
             "rules": summary, "regimes": regimes,
+            "misses": sorted(misses, key=lambda m: (m["model"], m["dataset"], m["sparsity"],
+                                                     m["seed"])),
             "correlation": {c: {"spearman_mean": float(np.mean(v)) if v else None,
                                 "spearman_min": float(np.min(v)) if v else None, "n": len(v)}
                             for c, v in corr.items()},
@@ -304,6 +316,12 @@ def _tables(s: dict) -> list[str]:
         md.append(f"| {g['model']} | {g['dataset']} | {g['sparsity']:g} | {g['seeds']} | "
                   f"{g['candidates']} | {g['select']:.2f} | "
                   f"{', '.join(sorted(set(g['choices'])))} |")
+    if s["misses"]:
+        md += ["", f"Single seeds where the choice is more than {WITHIN_PT} pt below the best "
+               f"candidate:", ""]
+        md += [f"- {m['model']}/{m['dataset']} {m['sparsity']:g} seed {m['seed']}: chose "
+               f"{m['chose']} ({m['chose_top1']:.2f}), best {m['best']} ({m['best_top1']:.2f}), "
+               f"regret {m['regret']:.2f}" for m in s["misses"]]
     corr = [f"{k} {v['spearman_mean']:.3f} [{v['spearman_min']:.3f}] (n={v['n']})"
             for k, v in s["correlation"].items() if v["n"]]
     if corr:  # none when every selection has <= 2 candidates or a constant top-1 / score
