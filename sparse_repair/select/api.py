@@ -212,10 +212,16 @@ class SelectResult:
                             f"best {best['allocation']} + {best['repair']} "
                             f"{best['top1']:.2f}%; regret of the choice "
                             f"{num(e['regret'], '.2f')} pt"))
+            absent = []
             for name, r in e["fixed_rules"].items():
+                if r["choice"] is None and r["note"] == "not among the candidates":
+                    absent.append(name)  # a rule about candidates the user did not ask for
+                    continue
                 lines.append(f"  {name:<18} " + (r["note"] if r["choice"] is None else
                              f"{r['choice']['allocation']} + {r['choice']['repair']}: "
                              f"top-1 {r['top1']:.2f}%, regret {num(r['regret'], '.2f')} pt"))
+            if absent:
+                lines.append(f"  (no candidate for {', '.join(absent)})")
         return "\n".join(lines)
 
 
