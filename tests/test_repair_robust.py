@@ -163,7 +163,7 @@ def test_nan_calibration_images_are_named_by_index_and_nothing_changes(small):
 
 def test_mixed_dtype_or_numpy_calibration_batches_are_refused_and_nothing_changes(small):
     """torch.cat promotes a uint8 batch beside float ones silently (raw 0-255 pixels among
-    normalized images); a numpy batch gets the conversion named."""
+    normalized images); a numpy batch, or a bare numpy array, gets the conversion named."""
     import numpy as np
 
     _, pruned, _ = small
@@ -175,6 +175,9 @@ def test_mixed_dtype_or_numpy_calibration_batches_are_refused_and_nothing_change
         repair(model, "bn_recal", mixed)
     with pytest.raises(TypeError, match=r"got ndarray \(torch.from_numpy"):
         repair(model, "bn_recal", (b for b in [np.zeros((2, 3, 8, 8), np.float32)]))
+    with pytest.raises(TypeError, match=r"calibration is a numpy ndarray; pass a tensor .*"
+                                        r"torch.from_numpy\(images\)"):
+        repair(model, "bn_recal", np.zeros((2, 3, 8, 8), np.float32))  # not "batches"
     with pytest.raises(ValueError, match="meta device"):
         repair(model, "bn_recal", torch.empty(2, 3, 8, 8, device="meta"))
     _assert_unchanged(model, before, "mixed calibration")

@@ -79,6 +79,10 @@ def as_image_tensor(calibration) -> torch.Tensor:
         raise TypeError(_LABELED)
     if isinstance(calibration, torch.Tensor):
         batches = [calibration]
+    elif type(calibration).__module__ == "numpy":
+        # iterating an array would yield its images one by one and be refused as "batches"
+        raise TypeError(f"calibration is a numpy {type(calibration).__name__}; pass a tensor "
+                        f"of images [N, C, H, W]: torch.from_numpy(images) converts it")
     elif isinstance(calibration, (dict, str, bytes)) or not isinstance(calibration, Iterable):
         raise TypeError(f"calibration must be an image tensor [N, C, H, W] or an iterable of "
                         f"image tensors, got {type(calibration).__name__}")
