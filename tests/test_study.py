@@ -977,14 +977,37 @@ def test_import_keeps_done_runs_replaces_failed_ones_and_skips_other_studies(fin
     again = study_api.import_(path, snap, db=target)
     assert (again["imported"], again["already_done"]) == (0, 2), again
     assert _table(target, "results") == _table(db, "results")
-    other = _study(tmp_path, sparsities=(0.5,), name="other")  # shares no run with the snapshot
-    got = study_api.import_(other, snap, db=tmp_path / "o.sqlite")
-    assert (got["imported"], got["not_in_study"], got["done"]) == (0, 2, 0), got
+    with sqlite3.connect(target) as c:  # the failed attempt is kept in the count
+        assert c.execute("SELECT attempts FROM runs WHERE run_id=?", (ids[1],)).fetchone()[0] \
+            == 2
+    c.close()
+    wider = _study(tmp_path, sparsities=(0.5, 0.9), name="wider")  # holds the snapshot's runs
+    got = study_api.import_(wider, snap, db=tmp_path / "w.sqlite")
+    assert (got["imported"], got["not_in_study"], got["done"], got["runs_total"]) == \
+        (2, 0, 2, 4), got
+    # A study sharing no run (another file, or a checkpoint moved or changed: run ids hash
+    # it) is refused, not answered with "imported 0" and an empty store to recompute into.
+    other = _study(tmp_path, sparsities=(0.5,), name="other")
+    with pytest.raises(ValueError, match="none of the 2 runs .* belongs to .*weights paths"):
+        study_api.import_(other, snap, db=tmp_path / "o.sqlite")
+    assert not (tmp_path / "o.sqlite").exists()
+
+
+DAMAGES = {  # record edits a snapshot must be refused for, each found by a hostile-input pass
+    "unknown column": lambda r: r["results"][0].update({"top1; DROP TABLE runs": 1}),
+    "failed run": lambda r: r["runs"].update(status="failed"),
+    "nested value": lambda r: r["results"][0].update(top1=[91.7]),
+    "text top-1": lambda r: r["results"][0].update(top1="abc"),
+    "no repair": lambda r: r["results"][0].pop("repair"),              # NOT NULL
+    "repair twice": lambda r: r["results"].append(dict(r["results"][0])),  # primary key
+    "no layer name": lambda r: r["allocation_layers"][0].pop("name"),
+    "huge int": lambda r: r["results"][0].update(n_eval=10 ** 30),     # SQLite INTEGER range
+    "lone surrogate": lambda r: r["allocation_layers"][0].update(name="\ud800"),
+}
 
 
 @pytest.mark.parametrize("damage", ["not gzip", "truncated", "bad json", "no header",
-                                    "wrong count", "unknown column", "failed run",
-                                    "nested value"])
+                                    "wrong count", "NaN", "run twice", *DAMAGES])
 def test_a_damaged_snapshot_is_refused_before_anything_is_written(finished, tmp_path, damage):
     import gzip
     import json
@@ -1006,20 +1029,74 @@ def test_a_damaged_snapshot_is_refused_before_anything_is_written(finished, tmp_
             lines = lines[1:]
         elif damage == "wrong count":
             lines = lines[:-1]
+        elif damage == "NaN":
+            lines[2] = lines[2].replace('"top1": ', '"top1": NaN, "x": ', 1)
+        elif damage == "run twice":
+            head = json.loads(lines[0])
+            lines = [json.dumps({**head, "runs": 3}), *lines[1:], lines[2]]
         else:
             rec = json.loads(lines[2])
-            if damage == "unknown column":
-                rec["results"][0]["top1; DROP TABLE runs"] = 1
-            elif damage == "nested value":
-                rec["results"][0]["top1"] = [91.7]
-            else:
-                rec["runs"]["status"] = "failed"
+            DAMAGES[damage](rec)
             lines[2] = json.dumps(rec)
         snap.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     target = tmp_path / "t.sqlite"
     with pytest.raises(ValueError, match=str(snap.name)):
         study_api.import_(path, snap, db=target)
     assert not target.exists(), "a refused import must not even create the store"
+
+
+def test_export_never_replaces_the_store_a_directory_or_a_file_that_is_not_a_snapshot(
+        finished, tmp_path):
+    import shutil
+
+    from sparse_repair import study as study_api
+
+    path, src = finished
+    db = tmp_path / "db.sqlite"
+    shutil.copy(src, db)
+    before = db.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is the result store itself"):
+            study_api.export(path, db, db=db, overwrite=overwrite)
+        notes = tmp_path / "notes.txt"
+        notes.write_text("my notes")
+        with pytest.raises(ValueError, match="not a study snapshot; refusing to replace it"):
+            study_api.export(path, notes, db=db, overwrite=overwrite)
+        assert notes.read_text() == "my notes"
+        with pytest.raises(ValueError, match="is a directory"):
+            study_api.export(path, tmp_path, db=db, overwrite=overwrite)
+    assert db.read_bytes() == before
+    under = tmp_path / "notes.txt" / "s.gz"
+    with pytest.raises(ValueError, match="cannot write the snapshot"):
+        study_api.export(path, under, db=db)
+    long = tmp_path / ("s" * 240 + ".gz")  # near the name limit: the temporary name is short
+    assert study_api.export(path, long, db=db)["runs"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_snapshot_only_grows_per_channel_statistics_are_never_dropped(finished, tmp_path):
+    from sparse_repair import study as study_api
+    from sparse_repair.study.store import read_snapshot
+
+    path, db = finished
+    ids = [rid for rid, _ in load_study(path).runs]
+    snap = tmp_path / "s.gz"
+    store = Store(db)
+    store.export(snap, ids, layer_stats=[])  # results only
+    assert not any(r["repair_layers"] for r in read_snapshot(snap)[1].values())
+    store.export(snap, ids, layer_stats=None)  # every run's statistics
+    store.export(snap, ids, layer_stats=[])  # a later default export keeps them
+    store.close()
+    assert all(r["repair_layers"] for r in read_snapshot(snap)[1].values())
+    # a store without them (imported from a smaller snapshot) may not drop them either ...
+    lean, bare = tmp_path / "lean.gz", tmp_path / "bare.sqlite"
+    Store(db).export(lean, ids, layer_stats=[])
+    study_api.import_(path, lean, db=bare)
+    with pytest.raises(ValueError, match="per-channel repair statistics of 2 run"):
+        study_api.export(path, snap, db=bare)
+    # ... and importing the fuller snapshot adds them to the runs it already has
+    study_api.import_(path, snap, db=bare)
+    assert _table(bare, "repair_layers") == _table(db, "repair_layers")
 
 
 def test_cli_exports_and_imports_and_names_a_bad_snapshot(finished, tmp_path):
@@ -1035,3 +1112,7 @@ def test_cli_exports_and_imports_and_names_a_bad_snapshot(finished, tmp_path):
     r = _cli("import", str(path), str(tmp_path / "junk.gz"), "--db", str(tmp_path / "j.sqlite"))
     assert r.returncode != 0 and "not a study snapshot" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "j.sqlite").exists()
+    for bad_db in (snap, tmp_path):  # a snapshot or a directory given as the store
+        r = _cli("status", str(path), "--db", str(bad_db))
+        assert r.returncode == 2 and "as a study result store (SQLite)" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

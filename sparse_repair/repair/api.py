@@ -79,7 +79,7 @@ def as_image_tensor(calibration) -> torch.Tensor:
         raise TypeError(_LABELED)
     if isinstance(calibration, torch.Tensor):
         batches = [calibration]
-    elif type(calibration).__module__ == "numpy":
+    elif type(calibration).__module__.split(".")[0] == "numpy":
         # iterating an array would yield its images one by one and be refused as "batches"
         raise TypeError(f"calibration is a numpy {type(calibration).__name__}; pass a tensor "
                         f"of images [N, C, H, W]: torch.from_numpy(images) converts it")
@@ -93,7 +93,7 @@ def as_image_tensor(calibration) -> torch.Tensor:
                 raise TypeError(_LABELED.replace("calibration is", "calibration batches are"))
             if not isinstance(batch, torch.Tensor):
                 hint = (" (torch.from_numpy(batch) converts a numpy array)"
-                        if type(batch).__module__ == "numpy" else "")
+                        if type(batch).__module__.split(".")[0] == "numpy" else "")
                 raise TypeError(f"calibration batches must be image tensors, got "
                                 f"{type(batch).__name__}{hint}")
             batches.append(batch)

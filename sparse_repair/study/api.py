@@ -195,9 +195,10 @@ def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
         raise ValueError(f"layer_stats={layer_stats!r}; use 'plotted' or 'all'")
     st = load(study)
     path = db_path(st, db)
-    if not path.exists():
-        raise FileNotFoundError(f"no result store {path}: run the study first, or pass the "
-                                f"store with db= (--db)")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise FileNotFoundError(f"no result store {path}" + (" (an empty file)" if
+                                path.is_file() else "") + ": run the study first, or pass "
+                                "the store with db= (--db)")
     store = Store(path)
     try:
         ids = [rid for rid, _ in st.runs]
@@ -218,15 +219,23 @@ def import_(study: StudyLike, snapshot: str | os.PathLike, db: str | os.PathLike
 
     Returns {"db": store path, "imported", "already_done", "not_in_study": runs, "done",
     "runs_total": the store's done runs of this study after the import, and the study's
-    size}. Raises FileNotFoundError / ValueError for a bad study file or snapshot (nothing is
-    written then)."""
+    size}. Raises FileNotFoundError / ValueError for a bad study file or snapshot, and
+    ValueError when no run of the snapshot belongs to the study (a moved or changed
+    checkpoint changes every run id), all before anything is written."""
     from .store import read_snapshot
 
     st = load(study)
-    read_snapshot(snapshot)  # a bad snapshot is refused before a store is created
+    header, records = read_snapshot(snapshot)  # refused before a store is created
+    ids = [rid for rid, _ in st.runs]
+    if records and not set(records) & set(ids):
+        raise ValueError(
+            f"none of the {len(records)} runs of {snapshot} (study {header.get('study')!r}) "
+            f"belongs to {st.path}: a run id hashes the run's resolved configuration, "
+            f"including its checkpoint's contents, so another study file, a changed one, or a "
+            f"checkpoint missing or different here matches nothing. Check the study file and "
+            f"its weights paths; nothing was imported")
     store = Store(db_path(st, db))
     try:
-        ids = [rid for rid, _ in st.runs]
         counts = store.import_(snapshot, ids)
         done = store.done()
         return {"db": str(store.path), **counts, "done": sum(r in done for r in ids),

@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,12 +83,17 @@ class Store:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            _create_atomically(self.path)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)  # older stores: adds the per-layer tables
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                _create_atomically(self.path)
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)  # older stores: adds the per-layer tables
+        except (OSError, sqlite3.DatabaseError) as e:
+            # a directory, a file under a file, a gzip snapshot passed as --db, no permission
+            raise ValueError(f"cannot open {self.path} as a study result store (SQLite): {e}; "
+                             f"pass a store file, or a new path, with --db") from e
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "wall_s" not in cols:  # databases written before worker wall times were recorded
             self.db.execute("ALTER TABLE runs ADD COLUMN wall_s REAL")
@@ -222,35 +228,56 @@ class Store:
         written; None = every run. They are ~97% of a run's record (measured on the evidence
         study's ResNet-20 runs: 57.6 of 59.3 kB compressed), so a committed snapshot of a
         240-run study keeps them only for the runs a report plots (``spec.layer_plot_runs``).
+        Runs whose statistics the snapshot at ``path`` already holds keep them too, so a
+        snapshot only ever grows.
 
-        Returns the number of runs written. Raises ValueError, before writing anything, when
-        ``path`` already holds a snapshot with runs this export lacks (exporting an emptier
-        store over it would lose them: import it first) unless ``overwrite``, or when
-        ``path`` exists and is not a snapshot."""
+        Returns the number of runs written. Raises ValueError before writing anything when
+        ``path`` is this store, a directory, or an existing file that is not a snapshot (even
+        with ``overwrite``: only snapshots are replaced); and, unless ``overwrite``, when the
+        snapshot at ``path`` is damaged or holds runs or per-channel statistics that this
+        store lacks (writing it would lose them: import it first)."""
         path = Path(path)
         done = self.done()
         ids = [r for r in dict.fromkeys(run_ids) if r in done]
-        if path.exists() and not overwrite:
-            lost = sorted(set(read_snapshot(path)[1]) - set(ids))
-            if lost:
-                raise ValueError(
-                    f"{path} holds {len(lost)} done run(s) that this export lacks (e.g. "
-                    f"{lost[0]}); writing it would lose them. Import it first (sparse-repair "
-                    f"study import STUDY {path}), or pass overwrite=True (--overwrite)")
+        keep = None if layer_stats is None else set(layer_stats)
+        old = _existing_snapshot(path, self.path, overwrite)
+        if old is not None:
+            with_stats = {rid for rid, rec in old.items() if rec["repair_layers"]}
+            if keep is not None:
+                keep |= with_stats
+            have = {r[0] for r in self.db.execute("SELECT DISTINCT run_id FROM repair_layers")}
+            lost = sorted(set(old) - set(ids))
+            lost_stats = sorted(with_stats - have - set(lost))
+            if (lost or lost_stats) and not overwrite:
+                what = (f"{len(lost)} done run(s) (e.g. {lost[0]})" if lost else
+                        f"per-channel repair statistics of {len(lost_stats)} run(s) (e.g. "
+                        f"{lost_stats[0]})")
+                raise ValueError(f"{path} holds {what} that this store lacks; writing it would "
+                                 f"lose them. Import it first (sparse-repair study import "
+                                 f"<study file> {path}), or pass --overwrite (overwrite=True)")
         lines = [json.dumps({"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
                              "study": study, "runs": len(ids)}, sort_keys=True)]
-        keep = None if layer_stats is None else set(layer_stats)
         lines += [json.dumps(self._run_record(rid, keep is None or rid in keep), sort_keys=True)
                   for rid in ids]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
-                                                       filename="") as f:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # a short temporary name beside the target: a target name near the file system's
+            # limit must still be writable
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snap", suffix=".tmp")
+        except OSError as e:
+            raise ValueError(f"cannot write the snapshot {path}: {e.strerror or e}; choose "
+                             f"another --out path") from e
+        try:
+            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
+                                                           filename="") as f:
                 f.write(("\n".join(lines) + "\n").encode())
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a committed file private
             os.replace(tmp, path)
+        except OSError as e:
+            raise ValueError(f"cannot write the snapshot {path}: {e.strerror or e}; choose "
+                             f"another --out path") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
         return len(ids)
 
     def _run_record(self, rid: str, layer_stats: bool = True) -> dict:
@@ -268,34 +295,33 @@ class Store:
                 ) -> dict[str, int]:
         """Add the runs of the snapshot file ``path`` (written by ``export``) to this store,
         only those in ``run_ids`` when given, in one transaction. A run already done here is
-        kept as it is (equal run ids are equal computations); a run recorded here as failed is
-        replaced by the snapshot's finished one.
+        kept as it is (equal run ids are equal computations), except that per-channel
+        statistics it lacks are taken from the snapshot; a run recorded here as failed is
+        replaced by the snapshot's finished one, its attempts added up.
 
         Returns {"imported", "already_done", "not_in_study": number of runs}. Raises
         FileNotFoundError for a missing file and ValueError (naming the file and line) for a
-        file that is not a readable snapshot (``read_snapshot``), both before anything is
-        written."""
+        file that is not a complete, consistent snapshot (``read_snapshot``), both before
+        anything is written."""
         _, records = read_snapshot(path)
         wanted = None if run_ids is None else set(run_ids)
         done = self.done()
+        attempts = self.attempts()
+        have = {r[0] for r in self.db.execute("SELECT DISTINCT run_id FROM repair_layers")}
         counts = {"imported": 0, "already_done": 0, "not_in_study": 0}
         with self.db:
             for rid, rec in records.items():
                 if wanted is not None and rid not in wanted:
                     counts["not_in_study"] += 1
-                    continue
-                if rid in done:
+                elif rid in done:
                     counts["already_done"] += 1
-                    continue
-                for name, rows in (("runs", [rec["runs"]]), ("results", rec["results"]),
-                                   ("allocation_layers", rec["allocation_layers"]),
-                                   ("repair_layers", rec["repair_layers"])):
-                    self.db.execute(f"DELETE FROM {name} WHERE run_id=?", (rid,))
-                    for row in rows:
-                        cols = ["run_id", *row]
-                        self.db.execute(f"INSERT INTO {name} ({', '.join(cols)}) VALUES "
-                                        f"({', '.join('?' * len(cols))})", (rid, *row.values()))
-                counts["imported"] += 1
+                    if rid not in have and rec["repair_layers"]:
+                        _insert(self.db, rid, {"repair_layers": rec["repair_layers"]})
+                else:
+                    runs = {**rec["runs"], "attempts": (rec["runs"].get("attempts") or 0)
+                            + attempts.get(rid, 0)}
+                    _insert(self.db, rid, {**rec, "runs": runs}, replace=True)
+                    counts["imported"] += 1
         return counts
 
     def _select(self, sql: str, run_ids: Iterable[str], order: str, extra: str = "",
@@ -312,8 +338,11 @@ class Store:
 
 def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
     """The header and the run records ({run id: record}) of a snapshot file written by
-    ``Store.export``. Raises FileNotFoundError for a missing file and ValueError naming the file
-    (and line) for anything else that is not a complete snapshot of a known version."""
+    ``Store.export``. Every record is checked by inserting it into an empty in-memory store
+    (the schema's NOT NULL and key constraints, integer range, text encoding) and for the
+    types of the columns the report reads, so a file that passes imports without error.
+    Raises FileNotFoundError for a missing file and ValueError naming the file (and line) for
+    anything else that is not a complete snapshot of a known version."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no snapshot file {path}")
@@ -321,55 +350,150 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a study snapshot (gzip JSON Lines written by "
-                         f"`sparse-repair study export`): {e}") from e
-    with sqlite3.connect(":memory:") as mem:  # every store has at least these columns
-        mem.executescript(SCHEMA)
-        columns = {t: {r[1] for r in mem.execute(f"PRAGMA table_info({t})")} - {"run_id"}
-                   for t in ("runs", "results", "allocation_layers", "repair_layers")}
+        what = ("damaged or cut short" if _gzip_magic(path) else "not a study snapshot "
+                "(gzip JSON Lines written by `sparse-repair study export`)")
+        raise ValueError(f"{path} is {what}: {e}") from e
     records: dict[str, dict] = {}
     header: dict = {}
     keys = {"run_id", "runs", "results", "allocation_layers", "repair_layers"}
-    for n, line in enumerate(lines, 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e}); the snapshot is damaged: "
-                             f"export it again from its store") from e
-        if n == 1:
-            if not isinstance(obj, dict) or obj.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"{path} is not a study snapshot: its first line lacks "
-                                 f'"format": "{SNAPSHOT_FORMAT}"')
-            if obj.get("version") != SNAPSHOT_VERSION:
-                raise ValueError(f"{path}: snapshot version {obj.get('version')!r}; this "
-                                 f"sparse-repair reads version {SNAPSHOT_VERSION}")
-            header = obj
-            continue
-        if not (isinstance(obj, dict) and set(obj) == keys and isinstance(obj["run_id"], str)
-                and isinstance(obj["runs"], dict) and obj["runs"].get("status") == "done"
-                and all(isinstance(obj[t], list) and all(isinstance(r, dict) for r in obj[t])
-                        for t in ("results", "allocation_layers", "repair_layers"))
-                and obj["results"]):
-            raise ValueError(f"{path}, line {n}: not a finished run's record (want the keys "
-                             f"{sorted(keys)}, status done, at least one result row)")
-        for name in ("runs", "results", "allocation_layers", "repair_layers"):
-            rows = [obj["runs"]] if name == "runs" else obj[name]
-            unknown = set().union(*(set(r) for r in rows)) - columns[name]
-            if unknown:
-                raise ValueError(f"{path}, line {n}: {name} columns {sorted(unknown)} are not "
-                                 f"in the store's schema; this snapshot comes from another "
-                                 f"version of sparse-repair")
-            if not all(v is None or isinstance(v, (str, int, float)) for r in rows
-                       for v in r.values()):
-                raise ValueError(f"{path}, line {n}: a {name} value is not a number, text or "
-                                 f"null; the snapshot is damaged: export it again")
-        records[obj["run_id"]] = obj
+    mem = sqlite3.connect(":memory:")
+    mem.executescript(SCHEMA)
+    try:
+        for n, line in enumerate(lines, 1):
+            try:
+                obj = json.loads(line, parse_constant=_no_constant)
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e}); the snapshot is damaged: "
+                                 f"export it again") from e
+            if n == 1:
+                header = _check_header(path, obj)
+                continue
+            _check_record(path, n, obj, keys)
+            if obj["run_id"] in records:
+                raise ValueError(f"{path}, line {n}: run {obj['run_id']} appears twice; the "
+                                 f"snapshot is damaged: export it again")
+            try:
+                _insert(mem, obj["run_id"], obj)
+            except (sqlite3.Error, OverflowError, UnicodeEncodeError) as e:
+                raise ValueError(f"{path}, line {n}: run {obj['run_id']} does not fit the "
+                                 f"store ({e}); the snapshot is damaged: export it again"
+                                 ) from e
+            records[obj["run_id"]] = obj
+    finally:
+        mem.close()
     if not header:
         raise ValueError(f"{path} is empty: not a study snapshot")
-    if header.get("runs") != len(records):
-        raise ValueError(f"{path}: the header announces {header.get('runs')} runs but the file "
+    if header["runs"] != len(records):
+        raise ValueError(f"{path}: the header announces {header['runs']} runs but the file "
                          f"holds {len(records)}; it was cut short: export it again")
     return header, records
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")  # json.loads accepts NaN and Infinity
+
+
+def _gzip_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _check_header(path: Path, obj) -> dict:
+    if not isinstance(obj, dict) or obj.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"{path} is not a study snapshot: its first line lacks "
+                         f'"format": "{SNAPSHOT_FORMAT}"')
+    if obj.get("version") != SNAPSHOT_VERSION:
+        raise ValueError(f"{path}: snapshot version {obj.get('version')!r}; this "
+                         f"sparse-repair reads version {SNAPSHOT_VERSION}")
+    runs = obj.get("runs")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise ValueError(f"{path}: the header's run count {runs!r} is not an int >= 0; the "
+                         f"snapshot is damaged: export it again")
+    return obj
+
+
+# Columns the report and the selection evidence compute with: a snapshot is refused when they
+# hold another type (a hand-edited "top1": "abc" would otherwise fail in pandas, far away).
+_TYPES = {"results": {"repair": str, "model": str, "dataset": str, "allocation": str,
+                      "sparsity": (int, float), "seed": int, "top1": (int, float)},
+          "allocation_layers": {"name": str, "numel": int, "keep_count": int,
+                                "density": (int, float)}}
+
+
+def _check_record(path: Path, n: int, obj, keys: set[str]) -> None:
+    if not (isinstance(obj, dict) and set(obj) == keys and isinstance(obj["run_id"], str)
+            and isinstance(obj["runs"], dict) and obj["runs"].get("status") == "done"
+            and all(isinstance(obj[t], list) and all(isinstance(r, dict) for r in obj[t])
+                    for t in ("results", "allocation_layers", "repair_layers"))
+            and obj["results"]):
+        raise ValueError(f"{path}, line {n}: not a finished run's record (want the keys "
+                         f"{sorted(keys)}, status done, at least one result row)")
+    for name in ("runs", "results", "allocation_layers", "repair_layers"):
+        rows = [obj["runs"]] if name == "runs" else obj[name]
+        if not all(v is None or isinstance(v, (str, int, float)) for r in rows
+                   for v in r.values()):
+            raise ValueError(f"{path}, line {n}: a {name} value is not a number, text or "
+                             f"null; the snapshot is damaged: export it again")
+        for col, typ in _TYPES.get(name, {}).items():
+            bad = [r.get(col) for r in rows
+                   if isinstance(r.get(col), bool) or not isinstance(r.get(col), typ)]
+            if bad:
+                raise ValueError(f"{path}, line {n}: {name}.{col} is {bad[0]!r}; the snapshot "
+                                 f"is damaged: export it again")
+
+
+def _insert(db: sqlite3.Connection, rid: str, rec: dict, replace: bool = False) -> None:
+    """Write the rows of one snapshot record (any subset of its tables) for run ``rid``;
+    ``replace`` deletes the run's rows in those tables first. Column names are checked
+    against the table, so a file cannot name anything else."""
+    for name in ("runs", "results", "allocation_layers", "repair_layers"):
+        if name not in rec:
+            continue
+        rows = [rec[name]] if name == "runs" else rec[name]
+        columns = {r[1] for r in db.execute(f"PRAGMA table_info({name})")} - {"run_id"}
+        if replace:
+            db.execute(f"DELETE FROM {name} WHERE run_id=?", (rid,))
+        for row in rows:
+            unknown = set(row) - columns
+            if unknown:
+                raise sqlite3.OperationalError(f"{name} has no column(s) {sorted(unknown)}")
+            cols = ["run_id", *row]
+            db.execute(f"INSERT INTO {name} ({', '.join(cols)}) VALUES "
+                       f"({', '.join('?' * len(cols))})", (rid, *row.values()))
+
+
+def _existing_snapshot(path: Path, store: Path, overwrite: bool) -> dict[str, dict] | None:
+    """The records of the snapshot an export to ``path`` would replace (None: nothing there,
+    or a damaged snapshot that ``overwrite`` may replace). Raises ValueError for a target that
+    must never be replaced: the store itself, a directory, a file that is not a snapshot."""
+    if path.exists() and store.exists() and os.path.samefile(path, store):
+        raise ValueError(f"--out {path} is the result store itself; give the snapshot its own "
+                         f"file, e.g. studies/<study>.runs.jsonl.gz")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path, e.g. "
+                         f"{path / 'study.runs.jsonl.gz'}")
+    if not path.exists():
+        return None
+    try:
+        return read_snapshot(path)[1]
+    except ValueError as e:
+        damaged = _gzip_magic(path) and _first_line_is_header(path)
+        if damaged and overwrite:
+            return None
+        raise ValueError(
+            f"--out {path} exists and " + (f"is a damaged snapshot ({e}); pass --overwrite to "
+                                           f"replace it" if damaged else
+                                           "is not a study snapshot; refusing to replace it "
+                                           "(even with --overwrite): choose another --out "
+                                           "path")) from e
+
+
+def _first_line_is_header(path: Path) -> bool:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.loads(f.readline()).get("format") == SNAPSHOT_FORMAT
+    except Exception:  # noqa: BLE001 - any failure means "not a snapshot's header"
+        return False
 
 
 def _create_atomically(path: Path) -> None:
