@@ -1099,6 +1099,33 @@ def test_a_snapshot_only_grows_per_channel_statistics_are_never_dropped(finished
     assert _table(bare, "repair_layers") == _table(db, "repair_layers")
 
 
+def test_run_with_a_snapshot_rewrites_it_after_every_run_and_refuses_a_bad_one_first(
+        tmp_path):
+    from sparse_repair import study as study_api
+    from sparse_repair.study.store import read_snapshot
+
+    path, db, snap = _study(tmp_path, sparsities=(0.9,)), tmp_path / "r.sqlite", tmp_path / "s.gz"
+    seen = []
+    real = Store.export
+
+    def recording(self, *a, **k):
+        n = real(self, *a, **k)
+        seen.append(len(read_snapshot(snap)[1]))
+        return n
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Store, "export", recording)
+        assert study_api.run(path, db=db, snapshot=snap).exit_code == 0
+    assert seen == [0, 1, 2], "written before the first run and after each"
+    # a target export refuses (it holds runs this fresh store lacks) stops the study first
+    fresh = tmp_path / "fresh.sqlite"
+    with pytest.raises(ValueError, match="holds 2 done run"):
+        study_api.run(path, db=fresh, snapshot=snap)
+    assert Store(fresh).done() == set()
+    r = _cli("run", str(path), "--db", str(fresh), "--snapshot", str(tmp_path / "new.gz"))
+    assert r.returncode == 0 and len(read_snapshot(tmp_path / "new.gz")[1]) == 2, r.stderr
+
+
 def test_cli_exports_and_imports_and_names_a_bad_snapshot(finished, tmp_path):
     path, db = finished
     snap = tmp_path / "s.runs.jsonl.gz"

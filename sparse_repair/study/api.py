@@ -62,7 +62,8 @@ def load(study: StudyLike) -> Study:
 
 def run(study: StudyLike, *, db: str | os.PathLike | None = None,
         executor: str | ExecutorConfig = "local", assets: str | os.PathLike | None = None,
-        progress: bool = False, fn: TaskFn | None = None, **executor_options) -> RunSummary:
+        progress: bool = False, fn: TaskFn | None = None,
+        snapshot: str | os.PathLike | None = None, **executor_options) -> RunSummary:
     """Run (or resume) a study: every run not yet ``done`` in the store is submitted to
     ``executor`` and written to the store as it finishes, one transaction per run.
 
@@ -73,6 +74,10 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
     ``$SPARSE_REPAIR_ASSETS``, else ~/.cache/sparse_repair); it must be visible to every
     worker, and the local executor makes it this process's asset root. ``progress`` prints a
     line per run and a progress bar; ``fn`` replaces the worker's task (tests inject faults).
+    ``snapshot``: a snapshot file (``export``) rewritten after every finished run, so the runs
+    outlive the store once the file is committed; it is written once before any run is
+    submitted, so a target ``export`` refuses (it holds runs the store lacks: import it first)
+    stops the study before any work.
 
     Returns a ``RunSummary`` (runs done before, finished now, failed; ``exit_code``). A run that
     fails ``1 + retries`` times is recorded as failed and the sweep goes on. Raises
@@ -88,7 +93,13 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
         check_weights(st)
     store = Store(db_path(st, db))
     try:
-        return sweep(st, store, ec, assets, fn=fn, progress=progress)
+        after = None
+        if snapshot is not None:
+            def after() -> None:
+                _export(st, store, snapshot, overwrite=False, layer_stats="plotted")
+
+            after()  # refused targets stop here, before any run
+        return sweep(st, store, ec, assets, fn=fn, progress=progress, after_run=after)
     finally:
         store.close()
 
@@ -189,8 +200,6 @@ def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     FileNotFoundError / ValueError for a bad study file, FileNotFoundError when the store does
     not exist (nothing to export; the path is named), and ValueError when ``out`` holds runs
     that this export would drop (import it first) unless ``overwrite``."""
-    from .spec import layer_plot_runs
-
     if layer_stats not in ("plotted", "all"):
         raise ValueError(f"layer_stats={layer_stats!r}; use 'plotted' or 'all'")
     st = load(study)
@@ -201,14 +210,21 @@ def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
                                 "the store with db= (--db)")
     store = Store(path)
     try:
-        ids = [rid for rid, _ in st.runs]
-        keep = None
-        if layer_stats == "plotted":
-            keep = [rid for rid, _ in layer_plot_runs(st, store.done())[1].values()]
-        n = store.export(out, ids, study=st.name, overwrite=overwrite, layer_stats=keep)
+        n = _export(st, store, out, overwrite, layer_stats)
     finally:
         store.close()
-    return {"snapshot": str(out), "runs": n, "runs_total": len(ids)}
+    return {"snapshot": str(out), "runs": n, "runs_total": len(st.runs)}
+
+
+def _export(st: Study, store: Store, out: str | os.PathLike, overwrite: bool,
+            layer_stats: str) -> int:
+    from .spec import layer_plot_runs
+
+    keep = None
+    if layer_stats == "plotted":
+        keep = [rid for rid, _ in layer_plot_runs(st, store.done())[1].values()]
+    return store.export(out, [rid for rid, _ in st.runs], study=st.name, overwrite=overwrite,
+                        layer_stats=keep)
 
 
 def import_(study: StudyLike, snapshot: str | os.PathLike, db: str | os.PathLike | None = None

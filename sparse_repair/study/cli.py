@@ -24,6 +24,10 @@ def add_study_parser(sub) -> None:
                        help="asset root (else $SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair)")
         if name == "run":
             _add_executor_options(q)
+            q.add_argument("--snapshot", default=None, metavar="FILE",
+                           help="rewrite this snapshot file (`study export`) after every "
+                                "finished run; commit it so the runs outlive the store "
+                                "(default: none)")
         if name == "report":
             q.add_argument("--out", required=True, help="folder for report.md, CSVs and plots")
         if name == "export":
@@ -83,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k in names and v is not None}
     try:
         summary = api.run(args.study, db=args.db, executor=args.executor, assets=args.assets,
-                          progress=True, **options)
+                          progress=True, snapshot=args.snapshot, **options)
     except ExecutorLost as e:
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,11 +48,15 @@ class RunSummary:
 
 
 def sweep(study: Study, store: Store, ec: ExecutorConfig, assets: str | os.PathLike | None,
-          fn: TaskFn | None = None, progress: bool = False) -> RunSummary:
+          fn: TaskFn | None = None, progress: bool = False,
+          after_run: Callable[[], None] | None = None) -> RunSummary:
     """Run the runs of ``study`` not yet done in ``store`` on executor ``ec`` and write each
     outcome (one transaction per run). ``progress`` prints a header, a line per run on stdout
-    (failures on stderr) and a progress bar with ETA on stderr. Raises ``ExecutorLost`` when
-    the executor itself goes away (finished runs are saved; the rest stay pending)."""
+    (failures on stderr) and a progress bar with ETA on stderr. ``after_run`` is called after
+    each finished run is written (the snapshot export); an error it raises is printed as a
+    warning and the sweep goes on, since the run is safe in the store. Raises
+    ``ExecutorLost`` when the executor itself goes away (finished runs are saved; the rest
+    stay pending)."""
     done = store.done()
     pending = [(rid, cfg) for rid, cfg in study.runs if rid not in done]
     summary = RunSummary(study.name, str(store.path), ec.name, len(study.runs),
@@ -65,6 +70,12 @@ def sweep(study: Study, store: Store, ec: ExecutorConfig, assets: str | os.PathL
         _write(out, store, progress)
         if out.ok:
             summary.ran += 1
+            if after_run is not None:
+                try:
+                    after_run()
+                except (OSError, ValueError) as e:
+                    print(f"\nwarning: snapshot not written after run {out.rid}: {e}",
+                          file=sys.stderr, flush=True)
         else:
             summary.failed.append(out.rid)
         bar.update(1)
