@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from sparse_repair.repair import stats
+from sparse_repair.repair import moments as stats
 
 SHAPES = [(256, 16, 32, 32), (256, 32, 16, 16), (256, 64, 8, 8), (256, 256, 4, 4)]
 

@@ -902,7 +902,8 @@ def test_snapshot_round_trip_restores_every_table_bit_for_bit(finished, no_pipel
     a = study_api.report(path, tmp_path / "a", db=db)
     b = study_api.report(path, tmp_path / "b", db=copy)
     assert a["plots"] == b["plots"] and a["skipped"] == b["skipped"] == []
-    for f in ("report.md", "cells.csv", "differences.csv"):
+    svgs = [p.replace(".png", ".svg") for p in a["plots"]]  # no random ids or dates in them
+    for f in ("report.md", "cells.csv", "differences.csv", *svgs):
         assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text(), f
 
 
@@ -1139,7 +1140,10 @@ def test_cli_exports_and_imports_and_names_a_bad_snapshot(finished, tmp_path):
     r = _cli("import", str(path), str(tmp_path / "junk.gz"), "--db", str(tmp_path / "j.sqlite"))
     assert r.returncode != 0 and "not a study snapshot" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "j.sqlite").exists()
-    for bad_db in (snap, tmp_path):  # a snapshot or a directory given as the store
-        r = _cli("status", str(path), "--db", str(bad_db))
-        assert r.returncode == 2 and "as a study result store (SQLite)" in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr
+    r = _cli("status", str(path), "--db", str(snap))  # a snapshot given as the store
+    assert r.returncode == 2 and "as a study result store (SQLite)" in r.stderr, r.stderr
+    for command in (["status"], ["report", "--out", str(tmp_path / "rep")]):
+        # a mistyped --db is not answered with a new empty store and "0 runs done"
+        r = _cli(*command[:1], str(path), "--db", str(tmp_path / "typo.sqlite"), *command[1:])
+        assert r.returncode == 2 and "no result store" in r.stderr, r.stderr
+        assert not (tmp_path / "typo.sqlite").exists() and "Traceback" not in r.stderr

@@ -117,6 +117,17 @@ def _executor_config(executor: str | ExecutorConfig, options: dict) -> ExecutorC
     return ExecutorConfig(name=executor, **options)
 
 
+def _existing_store(st: Study, db: str | os.PathLike | None) -> Path:
+    """The store of ``st``, which must exist: status, report and export read a store, and
+    opening a mistyped path would create an empty one and answer "0 runs done"."""
+    path = db_path(st, db)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise FileNotFoundError(f"no result store {path}" + (" (an empty file)" if
+                                path.is_file() else "") + ": run the study first (sparse-"
+                                "repair study run), or pass its store with --db (db=)")
+    return path
+
+
 def status(study: StudyLike, db: str | os.PathLike | None = None) -> dict:
     """Progress of a study in its store, counting only the runs the study expands to.
 
@@ -125,9 +136,10 @@ def status(study: StudyLike, db: str | os.PathLike | None = None) -> dict:
     (worker wall time of this study's done runs; median is the upper middle value for an even
     count), "failures": [{"run_id", "run": "model/dataset allocation S=.. seed .." or None for
     a run not in this study file, "attempts": int, "error": traceback}] (every failed run in the
-    store)}. Raises FileNotFoundError / ValueError for a bad study file."""
+    store)}. Raises FileNotFoundError / ValueError for a bad study file and FileNotFoundError
+    for a missing store."""
     st = load(study)
-    store = Store(db_path(st, db))
+    store = Store(_existing_store(st, db))
     try:
         done, failed, attempts = store.done(), store.failed(), store.attempts()
         ids = [rid for rid, _ in st.runs]
@@ -171,12 +183,12 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     label-free scores), "allocation_choice": select.evidence.allocation_choice(rows, plan)
     (the allocation chosen with the repair fixed; {} when no repair offers two allocations in
     a complete selection) or None (no label-free scores)}.
-    Raises FileNotFoundError / ValueError for a bad study file and ImportError (naming the
-    `plot` extra) when pandas is not installed."""
+    Raises FileNotFoundError / ValueError for a bad study file, FileNotFoundError for a
+    missing store, and ImportError (naming the `plot` extra) when pandas is not installed."""
     from .report_writer import write_report  # pandas and matplotlib: only needed here
 
     st = load(study)
-    store = Store(db_path(st, db))
+    store = Store(_existing_store(st, db))
     try:
         ids = {rid for rid, _ in st.runs}
         return write_report(st, store.rows(ids), Path(out), store=store)
@@ -203,12 +215,7 @@ def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     if layer_stats not in ("plotted", "all"):
         raise ValueError(f"layer_stats={layer_stats!r}; use 'plotted' or 'all'")
     st = load(study)
-    path = db_path(st, db)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise FileNotFoundError(f"no result store {path}" + (" (an empty file)" if
-                                path.is_file() else "") + ": run the study first, or pass "
-                                "the store with db= (--db)")
-    store = Store(path)
+    store = Store(_existing_store(st, db))
     try:
         n = _export(st, store, out, overwrite, layer_stats)
     finally:

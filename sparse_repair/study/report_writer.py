@@ -586,8 +586,13 @@ def _alloc_order(alloc: str) -> tuple:
 
 
 def _save(fig, out: Path, stem: str) -> list[str]:
+    import matplotlib
+
     fig.savefig(out / f"{stem}.png", dpi=130)
-    fig.savefig(out / f"{stem}.svg")
+    # Without a fixed hash salt and date, matplotlib writes random element ids and the time
+    # into every SVG, so a regenerated report would change every committed SVG.
+    with matplotlib.rc_context({"svg.hashsalt": "sparse-repair"}):
+        fig.savefig(out / f"{stem}.svg", metadata={"Date": None})
     return [f"{stem}.png"]
 
 
