@@ -246,7 +246,7 @@ def test_report_header_states_the_interval_and_refuses_significance_below_five_s
     text = (tmp_path / "r3" / "report.md").read_text()
     head = text.split("## Accuracy")[0]
     assert note in head and "only flagged with >= 5 seeds" in head, head
-    assert "Significance is not flagged: 3 seeds < 5 needed" in head, head
+    assert "Significance is not flagged: 3 seeds, fewer than the 5 needed" in head, head
     assert "sign test at p = 0.25" in head, head
     assert " * |" not in text and "nothing flagged: every LAMP - ERK group has 3 seeds" in text
     assert "nan" not in text.lower()
@@ -522,7 +522,7 @@ def test_report_end_to_end_on_digits(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Transition regime" in text and "lamp - erk" in text
-    assert "Significance is not flagged: 1 seeds < 5 needed" in text \
+    assert "Significance is not flagged: 1 seed, fewer than the 5 needed" in text \
         and " [n/a] |" in text and "nan" not in text.lower(), \
         "one seed: no interval and no test, printed as n/a"
     assert "| allocation | sparsity | bn_recal | asr | n |" in text, \

@@ -68,10 +68,15 @@ def _significance_note(diffs) -> list[str]:
            "sign test at p = 0.25, and a t-interval rests on a standard deviation with 2 "
            "degrees of freedom; intervals and p-values are shown, unflagged")
     if len(few) == len(diffs):
-        return [f"**Significance is not flagged: {ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} "
-                f"needed** ({why})", ""]
+        return [f"**Significance is not flagged: {_seeds(ns)}, fewer than the "
+                f"{MIN_SEEDS_FOR_SIGNIFICANCE} needed** ({why})", ""]
     return [f"**Significance is not flagged for {len(few)} of {len(diffs)} differences: "
-            f"{ns} seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed** ({why})", ""]
+            f"{_seeds(ns)}, fewer than the {MIN_SEEDS_FOR_SIGNIFICANCE} needed** ({why})", ""]
+
+
+def _seeds(ns: str) -> str:
+    """'1 seed', '3 seeds', '2/3 seeds' (the seed counts of the differences concerned)."""
+    return f"{ns} seed{'' if ns == '1' else 's'}"
 
 
 CELL_KEYS = ["model", "dataset", "allocation", "sparsity", "repair"]
@@ -409,9 +414,9 @@ def _preferred(alloc_diffs) -> list[str]:
         ns = "/".join(map(str, sorted({d.n for d in few})))
         which = "every LAMP - ERK group has" if not enough else \
             f"{len(few)} of {len(alloc_diffs)} LAMP - ERK groups have"
-        prefs.append(f"- {'nothing flagged' if not enough else 'not considered'}: {which} {ns} "
-                     f"seeds < {MIN_SEEDS_FOR_SIGNIFICANCE} needed for a significance flag; "
-                     f"read the intervals above instead")
+        prefs.append(f"- {'nothing flagged' if not enough else 'not considered'}: {which} "
+                     f"{_seeds(ns)}, fewer than the {MIN_SEEDS_FOR_SIGNIFICANCE} needed for a "
+                     f"significance flag; read the intervals above instead")
     if enough and not any(d.significant for d in alloc_diffs):
         prefs.append(f"- none significant: the {LEVEL:.0%} t-interval includes 0 in every "
                      f"group with >= {MIN_SEEDS_FOR_SIGNIFICANCE} seeds")
