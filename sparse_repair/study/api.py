@@ -259,7 +259,7 @@ def import_(study: StudyLike, snapshot: str | os.PathLike, db: str | os.PathLike
             f"its weights paths; nothing was imported")
     store = Store(db_path(st, db))
     try:
-        counts = store.import_(snapshot, ids)
+        counts = store.import_(snapshot, ids, records=records)
         done = store.done()
         return {"db": str(store.path), **counts, "done": sum(r in done for r in ids),
                 "runs_total": len(ids)}

@@ -291,8 +291,8 @@ class Store:
                 "allocation_layers": table("allocation_layers", "idx"),
                 "repair_layers": table("repair_layers", "repair, idx") if layer_stats else []}
 
-    def import_(self, path: str | os.PathLike, run_ids: Iterable[str] | None = None
-                ) -> dict[str, int]:
+    def import_(self, path: str | os.PathLike, run_ids: Iterable[str] | None = None,
+                records: dict[str, dict] | None = None) -> dict[str, int]:
         """Add the runs of the snapshot file ``path`` (written by ``export``) to this store,
         only those in ``run_ids`` when given, in one transaction. A run already done here is
         kept as it is (equal run ids are equal computations), except that per-channel
@@ -303,7 +303,8 @@ class Store:
         FileNotFoundError for a missing file and ValueError (naming the file and line) for a
         file that is not a complete, consistent snapshot (``read_snapshot``), both before
         anything is written."""
-        _, records = read_snapshot(path)
+        if records is None:  # a caller that has read (and so checked) the file passes them
+            _, records = read_snapshot(path)
         wanted = None if run_ids is None else set(run_ids)
         done = self.done()
         attempts = self.attempts()
