@@ -149,7 +149,9 @@ class RunConfig:
             opts = dict(self.repair_options.get(label, {}))
             method = opts.pop("method", label)
             if method not in REPAIRS:
-                raise ValueError(f"repair {label!r} is not a registered method ("
+                # "repairs names ..." so the CLI reads "--repairs names ...", the flag both
+                # `run` and `select` take (cli._as_flag)
+                raise ValueError(f"repairs names {label!r}, which is not a registered method ("
                                  f"{', '.join(REPAIRS)}); a labelled variant needs "
                                  f"repair_options[{label!r}] = {{'method': <one of those>, ...}}")
             if self.shrinkage and method in ("asr", "clipped_asr"):

@@ -372,7 +372,7 @@ def test_cli_table_marks_the_choice_and_reports_regrets(capsys):
 @pytest.mark.parametrize("bad, message", [
     (["--criterion", "accuracy"], "unknown criterion"),
     (["--allocations", "erk,ekr"], "unknown allocation"),
-    (["--repairs", "bn_recall"], "not a registered method"),
+    (["--repairs", "bn_recall"], "--repairs names 'bn_recall', which is not a registered"),
     (["--scoring", "2000"], "would overlap"),  # 64 + 2000 > the 1,433 digits train images
     (["--n-eval", "100"], "no effect without evaluate"),  # was ignored, yet recorded
 ])
