@@ -66,24 +66,35 @@ def _load_model(args: argparse.Namespace):
     if not (args.weights or args.pretrained):
         raise ValueError("no weights given: pass --pretrained or --weights FILE (a random model "
                          "has nothing to evaluate)")
-    if args.pretrained and args.download:
-        from .weights import pretrained_path
-
-        pretrained_path(args.model, allow_download=True)
     return load_dense(RunConfig(model=args.model, dataset=args.dataset, weights=args.weights,
                                 pretrained=args.pretrained))
 
 
+def _fetch(model: str, dataset: str, pretrained: bool, weights: str | None,
+           splits: tuple[str, ...]) -> None:
+    """--download: fetch the published weights (when they are the ones used) and the data set
+    splits the command reads, each checksummed by its source (assets.download, torchvision),
+    before anything else runs. A data set without an automatic download (ImageFolder ones)
+    raises AssetMissingError naming where to place it, unless it is already there."""
+    from .data import load_split
+    from .weights import pretrained_path
+
+    if pretrained and not weights:
+        pretrained_path(model, allow_download=True)
+    for split in splits:
+        load_split(dataset, split, download=True)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import get_spec
     from .evaluate import evaluate
     from .run import RunConfig, input_resolution
 
+    if args.download:  # the evaluation split only
+        _fetch(args.model, args.dataset, args.pretrained, args.weights,
+               get_spec(args.dataset).splits[1:])
     model = _load_model(args)
     resolution = input_resolution(RunConfig(weights=args.weights, resolution=args.resolution))
-    if args.download:
-        from .data import get_spec, load_split
-
-        load_split(args.dataset, get_spec(args.dataset).splits[1], download=True)
     result = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
                       device=args.device, resolution=resolution, progress=not args.json)
     from .assets import asset_root
@@ -106,6 +117,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunConfig, run_config
 
     cfg = RunConfig.from_dict(_config_values(args, RunConfig))
+    if args.download:  # calibration images come from the train split, top-1 from the test split
+        from .data import get_spec
+
+        _fetch(cfg.model, cfg.dataset, cfg.pretrained, cfg.weights, get_spec(cfg.dataset).splits)
     rows, dense_top1, _ = run_config(cfg, progress=not args.json)
     for r in rows:  # per-BN channel statistics: the study store keeps them, the CLI does not
         r.pop("layers")

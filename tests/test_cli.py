@@ -109,6 +109,47 @@ def test_run_with_a_labelled_variant(capsys):
     assert rows[1]["options"]["shrinkage"] == "pooled"
 
 
+@pytest.mark.parametrize("command, splits", [("eval", ["test"]), ("run", ["train", "test"])])
+def test_download_fetches_the_weights_and_every_split_the_command_reads(command, splits,
+                                                                        monkeypatch):
+    """--download was accepted by `run` but ignored: the weights and data were then read
+    without a download. Each command fetches what it reads, before anything else runs."""
+    from sparse_repair import data as D
+    from sparse_repair import weights as W
+
+    fetched = []
+
+    def fake_weights(name, allow_download=False):
+        fetched.append(("weights", name, allow_download))
+
+    def fake_split(name, split, resolution=None, *, download=False, **kw):
+        fetched.append((name, split, download))
+        if split == splits[-1]:
+            raise RuntimeError("stop after the downloads")
+
+    monkeypatch.setattr(W, "pretrained_path", fake_weights)
+    monkeypatch.setattr(D, "load_split", fake_split)
+    with pytest.raises(RuntimeError, match="stop after the downloads"):
+        main([command, "--model", "resnet20", "--dataset", "cifar10", "--pretrained",
+              "--download"])
+    assert fetched == [("weights", "resnet20", True)] + [("cifar10", s, True) for s in splits]
+
+
+def test_folder_data_set_already_in_place_is_not_a_download_error(tmp_path):
+    """ImageFolder data sets have no automatic download; --download refuses only when the
+    folder is missing, and names where to place it."""
+    from sparse_repair.assets import AssetMissingError
+    from sparse_repair.data import get_spec
+
+    spec = get_spec("imagenette")
+    with pytest.raises(AssetMissingError, match="no automatic download; place it under"):
+        spec.source("val", tmp_path, download=True)
+    (tmp_path / "imagenette" / "val" / "n01440764").mkdir(parents=True)
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "imagenette" / "val" / "n01440764" / "a.JPEG")
+    assert len(spec.source("val", tmp_path, download=True)) == 1
+
+
 def test_missing_optional_dependency_is_one_clear_error(monkeypatch, capsys):
     import sys
 

@@ -111,6 +111,21 @@ def ray_cluster():
 # ----------------------------------------------------------------------------- local
 
 
+@pytest.mark.parametrize("executor, module", [("ray", "ray"), ("slurm", "submitit")])
+def test_missing_executor_extra_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys,
+                                                               executor, module):
+    """Without the extra the CLI prints one line with the install command and exits 2 (it was
+    a RuntimeError, i.e. a traceback), and no run is recorded."""
+    from sparse_repair.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
+    study, db = _study(tmp_path, "noextra"), tmp_path / "noextra.sqlite"
+    assert main(["study", "run", str(study), "--db", str(db), "--executor", executor]) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'sparse-repair[{executor}]'" in err and "Traceback" not in err
+    assert not db.exists() or _runs(db) == {}
+
+
 def test_executor_config_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown executor 'dask'"):
         ExecutorConfig(name="dask")

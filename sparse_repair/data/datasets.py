@@ -119,7 +119,8 @@ def _torchvision_cifar(cls_name: str, folder: str, train_files, test_files, labe
 
 def _folder_source(sub: str, classes_file: str | None = None):
     def source(split: str, root: Path, download: bool = False) -> Source:
-        if download:
+        # --download with the folder already in place is not an error (eval/run fetch first)
+        if download and not (root / sub / split).is_dir():
             raise AssetMissingError(f"{sub} has no automatic download; place it under "
                                     f"{root / sub} in ImageFolder layout")
         classes = None

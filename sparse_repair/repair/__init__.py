@@ -9,7 +9,8 @@ input has dense/pruned means mu_d, mu_s, variances var_d, var_s and correlation 
 Layout: ``api`` (repair, RepairReport, input and model checks, the all-or-nothing guarantee),
 ``methods`` (one class per method, its options dataclass and metadata; the registry REPAIRS and
 list_repairs), ``engine`` (BN plan, model snapshots, paired execution, path choice and
-fallback), ``stats`` (moments and shrinkage rules). What is supported and refused:
+fallback), ``moments`` (moments and shrinkage rules), ``reconstruct`` (the layer-wise
+reconstruction walk) over ``lstsq`` (its least-squares core). What is supported and refused:
 docs/repair.md.
 """
 

@@ -209,7 +209,7 @@ def _input_moments(src: torch.fx.Node, shift: torch.Tensor, env_p: dict, env_d: 
     instead of quadratic in block depth. DenseNet-121, 256 images, 2 busy CPU cores
     (`python scripts/bench_repair_share.py`, run at this commit and its parent): moment sums
     6.3-6.7 s -> 2.4-2.7 s, ASR 1.54-1.58x -> 1.37-1.38x one dense + one pruned forward.
-    ``centred``: sum each chunk about its own mean (``stats.centred_chunk_moments``)."""
+    ``centred``: sum each chunk about its own mean (``moments.centred_chunk_moments``)."""
     sums = centred_chunk_moments if centred else chunk_moments
     pieces = _pieces(src, seen, channels)
     whole = len(pieces) == 1     # no slicing: the sums are exactly those of a plain BN input
@@ -686,7 +686,7 @@ def run_paired(pruned: nn.Module, dense: nn.Module | None, chunks: list[torch.Te
     ``update`` changes the BN in place and returns its per-BN record (kept in the result's
     ``layers``, with a ``skipped`` record for each BN the plan skips). ``plan``: from
     ``plan_batchnorms`` (made here from the first chunk when None). ``centred``: sum each chunk
-    about its own mean (``stats.centred_chunk_moments``), for BNs whose running mean may be far
+    about its own mean (``moments.centred_chunk_moments``), for BNs whose running mean may be far
     from the data. ``path``: "auto" takes "onepass" when P and D trace with torch.fx, else
     "rerun". On "onepass" the BN state is snapshot first; a live frontier over
     ``memory_limit_gb`` (``memory_limit_bytes``) restores it, drops the records and runs

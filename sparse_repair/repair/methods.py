@@ -69,7 +69,7 @@ SCOPES = ("all", "branch_end", "inner")
 
 @dataclass(frozen=True)
 class ASROptions(EngineOptions):
-    """shrinkage: the rule giving kappa, a key of ``stats.SHRINKAGE``. scope: the BNs whose gamma
+    """shrinkage: the rule giving kappa, a key of ``moments.SHRINKAGE``. scope: the BNs whose gamma
     is damped: "all", "branch_end" (output feeds a residual sum) or "inner" (the others).
     Defaults chosen by the ablation in docs/RESULTS.md section 2 (scripts/repair_ablation.py
     shrinkage). Raises ValueError for an unknown shrinkage or scope."""
@@ -161,7 +161,7 @@ class RepairMethod:
 
 class PairedMethod(RepairMethod):
     """A method driven by the paired engine: ``update`` is its whole rule. ``centred``: sum
-    each chunk about its own mean (``stats.centred_chunk_moments``); the activation-statistic
+    each chunk about its own mean (``moments.centred_chunk_moments``); the activation-statistic
     methods keep the dense running mean as the shift (fast, and their published numbers)."""
     needs_bn = True
     centred: ClassVar[bool] = False
@@ -261,7 +261,7 @@ def _gain(kappa: torch.Tensor, v: torch.Tensor, new_var: torch.Tensor, eps: floa
 
 
 def _alive(kappa: torch.Tensor, m: Moments, v: torch.Tensor) -> torch.Tensor:
-    """kappa with dead channels (``stats.dead_channels``) set to 0: their gain is 0."""
+    """kappa with dead channels (``moments.dead_channels``) set to 0: their gain is 0."""
     return torch.where(dead_channels(m, v), torch.zeros_like(kappa), kappa)
 
 

@@ -82,9 +82,9 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
     Returns a ``RunSummary`` (runs done before, finished now, failed; ``exit_code``). A run that
     fails ``1 + retries`` times is recorded as failed and the sweep goes on. Raises
     FileNotFoundError / ValueError for a bad study file, ValueError for an unknown executor or
-    negative retries, TypeError for an unknown executor option, RuntimeError when the executor's
-    extra (ray, submitit) is not installed, and ``executors.ExecutorLost`` when the executor
-    itself goes away mid-sweep (finished runs are saved; calling again resumes).
+    negative retries, TypeError for an unknown executor option, ModuleNotFoundError when the
+    executor's extra (ray, submitit) is not installed, and ``executors.ExecutorLost`` when the
+    executor itself goes away mid-sweep (finished runs are saved; calling again resumes).
     Every checkpoint the study names is checked first (``check_weights``): a bad one raises
     ValueError before the store is opened, instead of failing every run 1 + retries times."""
     st = load(study)

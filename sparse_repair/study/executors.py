@@ -155,9 +155,12 @@ class _Local:
         pass
 
 
-def _missing_extra(extra: str, module: str) -> RuntimeError:
-    return RuntimeError(f"--executor {extra} needs the {module!r} package, which is not "
-                        f"installed; install the extra: pip install 'sparse-repair[{extra}]'")
+def _missing_extra(extra: str, module: str) -> ModuleNotFoundError:
+    # ModuleNotFoundError, not RuntimeError: the CLI prints it as one line and exits 2 (the
+    # message names the extra), where a RuntimeError ended in a traceback
+    return ModuleNotFoundError(f"--executor {extra} needs the {module!r} package, which is "
+                               f"not installed; install the extra: pip install "
+                               f"'sparse-repair[{extra}]'")
 
 
 class _Ray:

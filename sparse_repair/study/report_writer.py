@@ -16,7 +16,8 @@ import numpy as np
 try:
     import pandas as pd
 except ImportError as e:  # pragma: no cover - the `plot` extra is installed in CI
-    raise ImportError("the study report needs pandas: pip install 'sparse-repair[plot]'") from e
+    raise ModuleNotFoundError("the study report needs pandas, which is not installed: "
+                              "pip install 'sparse-repair[plot]'") from e
 
 from ..regime import FAIL_FACTOR, RECOVERY_MARGIN_PT, fail_threshold, recovering_repairs
 from ..select import evidence as selection_evidence
