@@ -465,11 +465,12 @@ def _capped_scale(raw: np.ndarray, sizes: np.ndarray, keep_free: int) -> np.ndar
     return np.where(dense, sizes.astype(np.float64), eps * raw * sizes)
 
 
-def _erk_like(dims_of: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Method:
+def _erk_like(dims_of: Callable[[tuple[int, ...]], tuple[int, ...]], doc: str) -> Method:
     def method(layers, sizes, keep_free, ctx):
         raw = np.array([sum(dims_of(layer.shape)) / math.prod(dims_of(layer.shape))
                         for layer in layers], dtype=np.float64)
         return _capped_scale(raw, sizes, keep_free)
+    method.__doc__ = doc
     return method
 
 
@@ -662,6 +663,9 @@ def _lamp(layers, sizes, keep_free, ctx):
 
 
 def _global_magnitude(layers, sizes, keep_free, ctx):
+    """Counts of the globally largest abs(w) over all free layers, floors first: one
+    magnitude threshold for the whole model (global magnitude pruning, as compared in Blalock
+    et al., MLSys 2020, and Lee et al., ICLR 2021)."""
     scores = [_weight_of(x).abs().float() for x in layers]
     return _scores_keep(scores, keep_free, ctx["floor"], presorted=False)
 
@@ -669,8 +673,12 @@ def _global_magnitude(layers, sizes, keep_free, ctx):
 ALLOCATORS: dict[str, Method] = {
     "uniform": _with_floor(_uniform),
     "uniform_plus": _with_floor(_uniform_plus),
-    "er": _with_floor(_erk_like(lambda s: s[:2])),
-    "erk": _with_floor(_erk_like(lambda s: s)),
+    "er": _with_floor(_erk_like(
+        lambda s: s[:2], "Erdos-Renyi (Mocanu et al., Nature Communications 2018): density "
+        "proportional to (n_out + n_in) / (n_out * n_in), capped at 1 (``_capped_scale``).")),
+    "erk": _with_floor(_erk_like(
+        lambda s: s, "Erdos-Renyi-Kernel (Evci et al., RigL, ICML 2020): density proportional "
+        "to the sum of all weight dims over their product, capped at 1 (``_capped_scale``).")),
     "lamp": _lamp,
     "global_magnitude": _global_magnitude,
 }

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .data import get_spec, load_split, normalize, stratified_indices
+from .data import check_split, get_spec, load_split, normalize, stratified_indices
 from .progress import progress_bar
 
 
@@ -26,12 +26,17 @@ def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *
     Raises weights.CheckpointError (a ValueError) before any image is read when the model
     cannot fit the data set (``weights.check_weights_fit``: NaN/Inf weights, another class
     count, weights trained on other labels or at another resolution): a silent 10% is not a
-    result. ValueError for a batch_size that is not an int >= 1."""
+    result. ValueError for a batch_size that is not an int >= 1, an unknown data set or a
+    ``split`` not among its ``splits``; AssetMissingError when the split's files are not under
+    the asset root. ``seconds`` times the forward passes only (s), not loading or decoding the
+    split; ``resolution`` is the input side in px (None: the data set's default)."""
     from .weights import check_weights_fit
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     spec = get_spec(dataset)
+    if split is not None:
+        check_split(dataset, split)
     check_weights_fit(model, dataset, spec.num_classes,
                       resolution if resolution is not None else spec.default_resolution)
     images, labels = load_split(dataset, split or spec.splits[1], resolution)

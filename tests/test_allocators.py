@@ -89,6 +89,15 @@ def _feasible(layers, method, sparsity):
 
 
 @pytest.mark.parametrize("method", list_allocators())
+def test_every_allocator_states_its_rule_and_source(method):
+    """help(ALLOCATORS[name]) gives the rule; a published rule names its paper (year)."""
+    doc = allocation.ALLOCATORS[method].__doc__ or ""
+    assert len(doc.split()) >= 5, f"{method} has no docstring"
+    if method != "uniform":  # uniform is the definition itself, not a published rule
+        assert any(str(y) in doc for y in range(2015, 2027)), f"{method} cites no source"
+
+
+@pytest.mark.parametrize("method", list_allocators())
 @given(layers=layer_lists(), sparsity=st.sampled_from(SPARSITIES) | st.floats(0, 0.999))
 @example(layers=EXAMPLES[0], sparsity=0.0)
 @example(layers=EXAMPLES[1], sparsity=0.99)

@@ -311,3 +311,16 @@ def test_draw_sizes_and_seeds_must_be_ints(asset_root, kw):
     for draw, args in ((D.calibration_set, {"n": 4}), (D.scoring_set, {"n": 4, "calib": 4})):
         with pytest.raises(TypeError, match="must be an int"):
             draw("cifar10", **{**args, **kw})
+
+
+@pytest.mark.parametrize("name, split", [("digits", "val"), ("cifar10", "validation"),
+                                         ("cifar10", "Train")])
+def test_an_unknown_split_is_refused_not_read_as_another(name, split):
+    """digits "val" returned the train images and cifar10 "validation" the test split: an
+    evaluation on training data that looks like a result. Now the split names are checked."""
+    with pytest.raises(ValueError, match=r"has the splits \['train', '(test|val)'\]"):
+        D.load_split(name, split)
+    from sparse_repair.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=f"got split={split!r}"):  # before the model is read
+        evaluate(torch.nn.Linear(1, 1), name, split=split)

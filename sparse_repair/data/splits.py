@@ -58,11 +58,28 @@ def _decode_many(source: Source, indices: np.ndarray, resolution: int, native: i
 _MEMO: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def check_split(name: str, split: str) -> None:
+    """ValueError unless ``split`` is one of the data set's ``splits`` (an unknown name was
+    read as another split: digits "val" returned the train images)."""
+    splits = list(get_spec(name).splits)
+    if split not in splits:
+        raise ValueError(f"{name} has the splits {splits} (train, evaluation); got "
+                         f"split={split!r}")
+
+
 def load_split(name: str, split: str, resolution: int | None = None, *,
                download: bool = False, cache: bool = True, progress: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 3, H, W], labels int64 [N]) for a whole split, decoded once."""
+    """(images uint8 [N, 3, H, W], labels int64 [N]) for a whole split, decoded once (and
+    cached under the asset root unless ``cache=False``). ``split``: one of the data set's
+    ``splits`` (train split, evaluation split); ``resolution``: H = W in px (None: the data
+    set's ``default_resolution``); ``download`` lets torchvision fetch a missing CIFAR split.
+
+    Raises ValueError for an unknown data set or split (an unknown split was read as another
+    one: digits "val" returned the train images), AssetMissingError when the files are not
+    under the asset root, ModuleNotFoundError for digits without scikit-learn."""
     spec = get_spec(name)
+    check_split(name, split)
     resolution = resolution or spec.default_resolution
     key = (name, split, resolution, str(asset_root()))
     if key in _MEMO:

@@ -31,13 +31,24 @@ from .methods import REPAIRS
 
 @dataclass
 class RepairReport:
+    """What ``repair`` did. ``path``: how the calibration images were run ("onepass": one
+    paired pass through a traced graph; "rerun": one forward per BN stage; "none": no forward,
+    method none). ``passes_dense`` / ``passes_pruned``: full forward passes of the calibration
+    set through each model (the method's cost in model evaluations; 0 for none).
+    ``seconds``: wall time of the method alone (s; CUDA synchronized), not of the input checks,
+    the probe forward or the snapshot taken for the all-or-nothing restore. ``layers``: the
+    method's records in forward order: per BatchNorm for the BN methods (mu_d, sd_d, mu_s,
+    sd_s, and rho, kappa, gain where the method computes them: float64 tensors [C]);
+    reconstruct: one per Conv2d / Linear (kind, rel_err_before, rel_err_after, cond_h, kept,
+    fallback, positions), then bn_recal's per-BN records; none: []. A layer or BN left unchanged
+    is ``{"name", "skipped": reason}``. ``to_dict(with_layers=True)`` turns tensors into lists.
+    """
     method: str
     options: dict                  # chunk_size and the method's full options (defaults included)
     path: str                      # "onepass", "rerun" or "none"
     passes_dense: int
     passes_pruned: int
     seconds: float
-    # per BN in forward order: mu/sd dense+pruned, rho, kappa, gain; or {"name", "skipped"}
     layers: list[dict] = field(default_factory=list)
 
     def to_dict(self, with_layers: bool = False) -> dict:
@@ -274,8 +285,10 @@ def repair(pruned: nn.Module, method: str, calibration, *, dense: nn.Module | No
     given (``check_dense``). ``options`` are the fields of the method's options dataclass
     (``REPAIRS[method].Options``; e.g. asr: shrinkage, scope, path, memory_limit_gb); the
     report's ``options`` is chunk_size plus that dataclass in full, defaults included. The
-    report's ``layers`` has one record per BatchNorm, ``{"name", "skipped": reason}`` for one
-    the plan leaves unchanged (``engine.plan_batchnorms``).
+    report's ``layers`` holds the method's records (``RepairReport``): per BatchNorm for the BN
+    methods, ``{"name", "skipped": reason}`` for one the plan leaves unchanged
+    (``engine.plan_batchnorms``); per Conv2d / Linear then per BatchNorm for reconstruct; none
+    for none.
 
     Raises, before the model is touched: ValueError for an unknown method, TypeError for an
     option the method does not have (naming the valid ones), ValueError for a bad option value
@@ -284,7 +297,13 @@ def repair(pruned: nn.Module, method: str, calibration, *, dense: nn.Module | No
     ``check_model`` (pruned and dense) and ``check_dense``; ValueError when the first layer
     expects another channel count, when a dense model's forward differs from pruned's
     (``engine.check_dense_forward``), or for bn_recal when a BN sees fewer than 2 values per
-    channel. Whatever the probe forward raises propagates. During the repair, any exception, and
+    channel, or for calibration images outside the model's dtype range; for reconstruct,
+    ValueError when no Conv2d / Linear of the model can be refit (a UserWarning names layers
+    left as pruned because their solve exceeds ``max_solve_gflop``). With path="onepass",
+    RuntimeError when the model does not trace with torch.fx and ``engine.FrontierTooLarge`` (a
+    RuntimeError) when live activations exceed ``memory_limit_gb`` (path="auto" falls back to
+    "rerun" instead). Whatever the probe forward raises propagates. During the repair, any
+    exception, and
     FloatingPointError for a non-finite or out-of-range result, restores every parameter and
     buffer of ``pruned`` bit for bit, its modules' training flags, BN momenta and requires_grad
     flags, then propagates. Training flags of ``pruned`` and ``dense`` are restored in any case.

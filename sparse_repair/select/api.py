@@ -345,7 +345,10 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     and the dense model are evaluated on the test split (``evaluate.evaluate``, ``cfg.n_eval``
     images) and the regrets computed.
 
-    ``progress`` draws one tqdm bar over the candidates (with ETA) on stderr.
+    ``progress`` draws one tqdm bar over the candidates (with ETA) on stderr. A ``dense``
+    passed in is used in eval mode on ``cfg.device`` and handed back in the mode and on the
+    device it came in; its weights are never changed (candidates are pruned copies). The
+    result's ``seconds`` is the whole call (s), loading and evaluation included.
     Raises, before any candidate runs: the errors of ``SelectConfig.check``, of
     ``data.scoring_set`` (calib + scoring above the train split), ``run.load_dense`` and
     ``weights.check_weights_fit`` (weights that do not fit the data set)."""
@@ -357,12 +360,13 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     check_device(cfg.device, available=True)
     given = dense
     was_training = given.training if given is not None else None
+    was_on = next(given.parameters(), torch.empty(0)).device if given is not None else None
     dense = (dense if dense is not None else load_dense(run_cfg)).to(cfg.device).eval()
     try:
         return _select(cfg, dense, calls, run_cfg, resolution, spec, start, progress)
     finally:
-        if given is not None:  # the caller's model leaves in the mode it came in
-            given.train(was_training)
+        if given is not None:  # the caller's model leaves in the mode and on the device
+            given.train(was_training).to(was_on)  # it came in
 
 
 def _select(cfg, dense, calls, run_cfg, resolution, spec, start, progress) -> SelectResult:

@@ -363,7 +363,8 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         images, calibration and scoring images of different [C, H, W], a channel count the
         model's first layer does not take (the message names the layer), images that overflow
         the model's dtype, or a scoring image
-        bit-for-bit equal to a calibration image; TypeError for images given as a tuple or list
+        bit-for-bit equal to a calibration image; TypeError for a dense model that is not an
+        nn.Module (``check_model``) or images given as a tuple or list
         (what a labeled loader yields) or an option the repair does not take.
         Overlap is checked only as exact equality: a scoring image that is an augmented or
         re-encoded calibration image cannot be detected, so draw the two with
