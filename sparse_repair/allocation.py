@@ -724,12 +724,17 @@ def allocate(model_or_layers: nn.Module | Iterable[LayerSpec], method: str, spar
         ``collapsed`` lists the layers left with zero kept weights.
 
     Raises:
-        ValueError: unknown method; sparsity outside [0, 1) or NaN; negative min_keep; unknown
-            or half-excluded tied layer names; a non-excluded weight that is not a plain
-            Parameter (``weight_problem``: parametrized, torch.nn.utils.prune mask, hook-based
-            weight_norm, lazy); NaN/Inf weights; a target that exclusions, min_keep or the
-            method's own constraints (lamp, uniform_plus) make unreachable.
-        TypeError: sparsity or min_keep of the wrong type.
+        ValueError: unknown method; sparsity outside [0, 1) or NaN; negative min_keep; no
+            prunable layers; a layer name listed twice; unknown or half-excluded tied layer
+            names; a non-excluded weight that is not a plain Parameter (``weight_problem``:
+            parametrized, torch.nn.utils.prune mask, hook-based weight_norm, lazy); weights
+            that overlap in memory in different layouts, or a lazy weight even if excluded
+            (``prunable_modules``); NaN/Inf weights; a 0-element weight; a LayerSpec without
+            weight values under lamp or global_magnitude (``_weight_of``); a target that
+            exclusions, min_keep or the method's own constraints (lamp, uniform_plus) make
+            unreachable.
+        TypeError: sparsity or min_keep of the wrong type; ``exclude`` given as a string or
+            not iterable; input that is neither a Module nor a list of LayerSpec.
     Warns:
         LayerCollapseWarning: once per call, naming every layer left with zero kept weights.
 

@@ -53,10 +53,12 @@ def prune_(model: nn.Module, allocation: Allocation) -> dict[str, torch.Tensor]:
 
     Returns {layer name: bool mask on CPU, shape of the weight} for every layer of the
     allocation (excluded layers: all True, their weights are not touched).
-    Raises ValueError, before any weight changes, for: a layer name the model lacks; two
-    allocation names of one tied weight; a shape or keep count that does not fit the layer; a
-    non-excluded weight that is not a plain Parameter (``weight_problem`` says how to prepare
-    it, e.g. ``torch.nn.utils.prune.remove(module, "weight")``).
+    Raises TypeError for a model that is not a Module or an allocation that is not an
+    Allocation. Raises ValueError, before any weight changes, for: a layer name the model
+    lacks; two allocation names of one tied weight; a shape or keep count that does not fit
+    the layer; a non-excluded weight that is not a plain Parameter (``weight_problem`` says how
+    to prepare it, e.g. ``torch.nn.utils.prune.remove(module, "weight")``); a lazy weight or
+    weights overlapping in memory, even in excluded layers (``prunable_modules``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_ takes a torch.nn.Module, got {type(model).__name__}")
@@ -171,12 +173,15 @@ class SparsityReport(list):
 def sparsity_report(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
                     ) -> SparsityReport:
     """Achieved per-layer sparsity, counted from the masks if given (by layer name or alias),
-    else from the nonzero weights. A tied weight is one row, under its first module's name.
+    else from the nonzero weights; a layer missing from ``masks`` is counted from its nonzero
+    weights. A tied weight is one row, under its first module's name. ``sparsity`` (per row
+    and in ``total``) is the pruned fraction 1 - kept / weights in [0, 1], not a percent.
 
     A layer is ``collapsed`` when it keeps zero of its weights; ``total["collapsed"]`` lists
     them (layer collapse: Lee et al., ICLR 2021; Tanaka et al., NeurIPS 2020).
-    Raises ValueError for a mask naming a layer the model lacks or of another shape than its
-    weight (it would be counted silently for the wrong layer or not at all).
+    Raises TypeError when ``masks`` is not a dict. Raises ValueError for a mask naming a layer
+    the model lacks or of another shape than its weight (it would be counted silently for the
+    wrong layer or not at all), or two masks naming one tied weight.
     """
     if masks is not None:
         targets = _mask_targets(model, masks)

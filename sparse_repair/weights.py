@@ -439,7 +439,9 @@ def load_pretrained(name: str, allow_download: bool = False, verify: bool = True
     its ``weights_record`` says data set (cifar10), classes and resolution (32 px).
 
     Raises ValueError for an unknown name or a checksum mismatch, AssetMissingError for a
-    missing file, CheckpointError as ``load_checkpoint_into`` (checked before any change)."""
+    missing file, CheckpointError as ``load_checkpoint_into`` (checked before any change);
+    with ``allow_download``, network errors from torch.hub propagate unchanged
+    (``assets.download``)."""
     path = pretrained_path(name, allow_download)
     if verify:
         verify_sha256(path, PRETRAINED[name].sha256)

@@ -41,29 +41,34 @@ def stratified_indices(labels: torch.Tensor | np.ndarray, n: int | None, seed: i
 
 def calibration_set(dataset: str, n: int = 1024, seed: int = 0, *,
                     resolution: int | None = None) -> torch.Tensor:
-    """n training images drawn without replacement by a seeded generator, normalized,
-    as a float32 tensor [n, 3, H, W]. No labels leave this function.
+    """n training images drawn without replacement by a seeded generator, as a float32 tensor
+    [n, 3, H, W] normalized as (pixel / 255 - mean) / std with the data set's per-channel mean
+    and std (``normalize``); H = W = ``resolution`` in px (default: the data set's
+    ``default_resolution``). No labels leave this function.
 
     The draw is ``torch.randperm(train_split_size(dataset), generator=seed)[:n]``, so it
     depends on the size of the train split present (see ``train_split_size``).
-    Raises ValueError for n outside [1, train split size], AssetMissingError when neither the
-    train split nor a cached draw is under the asset root."""
+    Raises TypeError for an n or seed that is not an int; ValueError for an unknown data set or
+    n outside [1, train split size]; ModuleNotFoundError for digits without scikit-learn;
+    AssetMissingError when neither the train split nor a cached draw is under the asset
+    root."""
     return _train_draw(dataset, n, seed, resolution, "calib")
 
 
 def scoring_set(dataset: str, n: int = 1000, seed: int = 0, *, calib: int = 1024,
                 resolution: int | None = None) -> torch.Tensor:
     """n unlabeled training images for label-free scoring (``sparse_repair.select``),
-    disjoint from ``calibration_set(dataset, calib, seed)``: float32 [n, 3, H, W], normalized.
-    No labels leave this function, and the test split is never touched.
+    disjoint from ``calibration_set(dataset, calib, seed)``: float32 [n, 3, H, W], normalized
+    and sized as there. No labels leave this function, and the test split is never touched.
 
     The draw is the *tail* of the same seeded permutation whose head is the calibration set,
     ``torch.randperm(train_split_size(dataset), generator=seed)[-n:]``, so the two are disjoint
     by construction whenever calib + n <= the train split size (checked). Scoring on the
     calibration images themselves would reward a repair for fitting them (reconstruct solves a
     least-squares problem on exactly those inputs).
-    Raises ValueError for n < 1 or calib + n above the train split size; AssetMissingError as
-    ``calibration_set``."""
+    Raises ValueError for a calib that is negative or not an int, n < 1 or calib + n above the
+    train split size; TypeError, ValueError (unknown data set), ModuleNotFoundError and
+    AssetMissingError as ``calibration_set``."""
     if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
         raise ValueError(f"calib must be the calibration size (an int >= 0), got {calib!r}")
     try:

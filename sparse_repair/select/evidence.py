@@ -176,11 +176,14 @@ def summarize(rows: list[dict], criterion: str = "agreement", plan: Plan | None 
     regret, ...}], "misses": [{"model", "dataset", "sparsity", "seed", "chose", "chose_top1",
     "best", "best_top1", "regret"}] (each single selection whose choice is more than
     ``WITHIN_PT`` below its best candidate, pairs as "allocation+repair"), "correlation":
-    {criterion: {"spearman_mean", "spearman_min", "n"}}, "goal_met": bool | None}. "hit" is the
+    {criterion: {"spearman_mean", "spearman_min", "n"}} (only the criteria with a computable
+    correlation in at least one selection; {} when none), "goal_met": bool | None}. "hit" is the
     share (0-1) within ``WITHIN_PT`` of the best; regrets in pt. Spearman rank correlations are per
     selection (higher agreement and lower KL should both mean higher top-1, so KL's sign is
     flipped), then averaged; a selection whose top-1 or score is constant is skipped.
-    Raises ValueError for an unknown criterion.
+    Raises ValueError for an unknown criterion, and TypeError and ValueError as ``selections``
+    (a non-dict row; a scored row missing keys or with a non-finite top1, kl or agreement);
+    TypeError for a ``plan`` not of the form above.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")

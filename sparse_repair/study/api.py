@@ -81,12 +81,14 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
 
     Returns a ``RunSummary`` (runs done before, finished now, failed; ``exit_code``). A run that
     fails ``1 + retries`` times is recorded as failed and the sweep goes on. Raises
-    FileNotFoundError / ValueError for a bad study file, ValueError for an unknown executor or
-    negative retries, TypeError for an unknown executor option, ModuleNotFoundError when the
-    executor's extra (ray, submitit) is not installed, and ``executors.ExecutorLost`` when the
-    executor itself goes away mid-sweep (finished runs are saved; calling again resumes).
-    Every checkpoint the study names is checked first (``check_weights``): a bad one raises
-    ValueError before the store is opened, instead of failing every run 1 + retries times."""
+    FileNotFoundError / ValueError for a bad study file, ValueError for an unknown executor,
+    negative retries or a ``db`` that is not an SQLite store (``Store``), TypeError for an
+    unknown executor option or executor options given together with an ``ExecutorConfig``,
+    ModuleNotFoundError when the executor's extra (ray, submitit) is not installed, and
+    ``executors.ExecutorLost`` when the executor itself goes away mid-sweep (finished runs are
+    saved; calling again resumes). Unless ``fn`` is given, every checkpoint the study names is
+    checked first (``check_weights``): a bad one raises ValueError before the store is opened,
+    instead of failing every run 1 + retries times."""
     st = load(study)
     ec = _executor_config(executor, executor_options)
     if fn is None:
@@ -136,8 +138,8 @@ def status(study: StudyLike, db: str | os.PathLike | None = None) -> dict:
     (worker wall time of this study's done runs; median is the upper middle value for an even
     count), "failures": [{"run_id", "run": "model/dataset allocation S=.. seed .." or None for
     a run not in this study file, "attempts": int, "error": traceback}] (every failed run in the
-    store)}. Raises FileNotFoundError / ValueError for a bad study file and FileNotFoundError
-    for a missing store."""
+    store)}. Raises FileNotFoundError / ValueError for a bad study file, FileNotFoundError
+    for a missing store, and ValueError for a ``db`` that is not an SQLite store."""
     st = load(study)
     store = Store(_existing_store(st, db))
     try:
@@ -184,7 +186,8 @@ def report(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
     (the allocation chosen with the repair fixed; {} when no repair offers two allocations in
     a complete selection) or None (no label-free scores)}.
     Raises FileNotFoundError / ValueError for a bad study file, FileNotFoundError for a
-    missing store, and ImportError (naming the `plot` extra) when pandas is not installed."""
+    missing store, ValueError for a ``db`` that is not an SQLite store, and ImportError
+    (naming the `plot` extra) when pandas is not installed."""
     from .report_writer import write_report  # pandas and matplotlib: only needed here
 
     st = load(study)
@@ -210,8 +213,12 @@ def export(study: StudyLike, out: str | os.PathLike, db: str | os.PathLike | Non
 
     Returns {"snapshot": path, "runs": runs written, "runs_total": runs of the study}. Raises
     FileNotFoundError / ValueError for a bad study file, FileNotFoundError when the store does
-    not exist (nothing to export; the path is named), and ValueError when ``out`` holds runs
-    that this export would drop (import it first) unless ``overwrite``."""
+    not exist (nothing to export; the path is named), and ValueError, before writing anything
+    (``Store.export``), for a ``layer_stats`` other than "plotted" or "all", a ``db`` that is
+    not an SQLite store, an ``out`` that is the store itself, a directory or a file that is not
+    a snapshot (even with ``overwrite``), an unwritable ``out``, and, unless ``overwrite``, a
+    damaged snapshot at ``out`` or one holding runs that this export would drop (import it
+    first)."""
     if layer_stats not in ("plotted", "all"):
         raise ValueError(f"layer_stats={layer_stats!r}; use 'plotted' or 'all'")
     st = load(study)
@@ -244,7 +251,8 @@ def import_(study: StudyLike, snapshot: str | os.PathLike, db: str | os.PathLike
     "runs_total": the store's done runs of this study after the import, and the study's
     size}. Raises FileNotFoundError / ValueError for a bad study file or snapshot, and
     ValueError when no run of the snapshot belongs to the study (a moved or changed
-    checkpoint changes every run id), all before anything is written."""
+    checkpoint changes every run id) or ``db`` is not an SQLite store, all before anything is
+    written."""
     from .store import read_snapshot
 
     st = load(study)
