@@ -23,7 +23,7 @@ try:
     settings.register_profile("dev", max_examples=100, deadline=None)
     settings.register_profile("nightly", max_examples=2000, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])
-    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+    settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
 except ImportError:  # hypothesis is only in the test extra
     pass
 
@@ -37,15 +37,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-baselines", action="store_true",
                      help="rewrite baselines/ from this run's measurements (not allowed in CI)")
     parser.addoption("--assets", default=None, help="asset root (data and weights)")
-    parser.addoption("--download", action="store_true",
-                     help="allow downloading canonical data sets and weights")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("--assets"):
+    if config.getoption("--assets") is not None:  # --assets "" is refused, not skipped
         from sparse_repair.assets import set_asset_root
 
-        set_asset_root(config.getoption("--assets"))
+        try:
+            set_asset_root(config.getoption("--assets"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--assets: {e}") from None
     from sparse_repair.runtime import tune_allocator
 
     tune_allocator()  # a test session is an entry point: same allocator as the CLI

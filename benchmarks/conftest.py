@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -42,6 +41,55 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --update-baselines: measure and record only these repairs (comma-separated) "
              "into each selected regime's existing baseline; every other recorded number, the "
              "dense top-1 and the file's 'recorded' header stay as they are")
+    parser.addoption(
+        "--download", action="store_true",
+        help="before the session, fetch what the asset regimes read and has an upstream: "
+             "canonical CIFAR-10 (torchvision, md5-checked) and the published weights "
+             "(sha256-checked); needs internet")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Checked here, not in the fixture: a session that never uses the fixture (another file
+    # selected) ignored --update-repairs silently.
+    _repairs_to_update(config)
+    if config.getoption("--download"):
+        fetch_regime_assets()
+
+
+def _repairs_to_update(config: pytest.Config) -> list[str] | None:
+    """The repairs --update-repairs names (None: record whole regimes). Refused without
+    --update-baselines, so that the flag alone never looks like it recorded something, and
+    when it names no repair (a file rewritten with nothing recorded) or an unknown one."""
+    names = config.getoption("--update-repairs", default=None)
+    if names is None:
+        return None
+    if not config.getoption("--update-baselines"):
+        raise pytest.UsageError("--update-repairs only selects what --update-baselines records")
+    from regimes import REPAIRS
+
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in out if n not in REPAIRS]
+    if not out or unknown:
+        raise pytest.UsageError(f"--update-repairs {names!r} names {unknown or 'no repair'}; "
+                                f"name one or more of {', '.join(REPAIRS)}")
+    return out
+
+
+def fetch_regime_assets() -> None:
+    """--download: the data and published weights of every asset regime that have an
+    upstream. cifar10-jpeg and our Imagenette checkpoint have none; their regimes still skip
+    unless they are under the asset root (../shared/assets/unpack.sh)."""
+    from regimes import ALL
+
+    from sparse_repair.data import get_spec, load_split
+    from sparse_repair.weights import PRETRAINED, pretrained_path
+
+    regimes = [r for r in ALL if r.needs_assets]
+    for model in sorted({r.model for r in regimes if r.weights is None and r.model in PRETRAINED}):
+        pretrained_path(model, allow_download=True)
+    for dataset in sorted({r.dataset for r in regimes if r.dataset in ("cifar10", "cifar100")}):
+        for split in get_spec(dataset).splits:
+            load_split(dataset, split, download=True, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -51,14 +99,8 @@ def update_baselines(request) -> bool:
 
 @pytest.fixture(scope="session")
 def update_repairs(request) -> list[str] | None:
-    """The repairs --update-repairs names (None: record whole regimes). Refused without
-    --update-baselines, so that the flag alone never looks like it recorded something."""
-    names = request.config.getoption("--update-repairs", default=None)
-    if names is None:
-        return None
-    if not request.config.getoption("--update-baselines"):
-        raise pytest.UsageError("--update-repairs only selects what --update-baselines records")
-    return [n.strip() for n in names.split(",") if n.strip()]
+    """The repairs --update-repairs names (None: record whole regimes; checked at configure)."""
+    return _repairs_to_update(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +109,11 @@ def full_eval(request) -> bool:
 
 
 def assets_present(*parts: str) -> bool:
-    root = os.environ.get("SPARSE_REPAIR_ASSETS")
-    return bool(root) and (Path(root).joinpath(*parts)).exists()
+    """Whether ``parts`` exists under the asset root in effect (--assets, else
+    $SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair, where --download puts files)."""
+    from sparse_repair.assets import asset_root
+
+    return asset_root().joinpath(*parts).exists()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

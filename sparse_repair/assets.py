@@ -18,7 +18,12 @@ class AssetMissingError(FileNotFoundError):
 
 
 def asset_root(override: str | os.PathLike | None = None) -> Path:
-    if override:
+    """``override`` when given, else ``$SPARSE_REPAIR_ASSETS``, else ~/.cache/sparse_repair.
+    ValueError for an empty ``override`` (it used to fall through to the others)."""
+    if override is not None:
+        if not str(override).strip():
+            raise ValueError("empty asset root: pass a directory path (or None for "
+                             "$SPARSE_REPAIR_ASSETS, else ~/.cache/sparse_repair)")
         return Path(override).expanduser()
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()

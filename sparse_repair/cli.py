@@ -14,7 +14,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_assets(args: argparse.Namespace) -> None:
-    if getattr(args, "assets", None):
+    if getattr(args, "assets", None) is not None:  # --assets "" is refused, not skipped
         from .assets import set_asset_root
 
         set_asset_root(args.assets)
@@ -59,15 +59,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- eval / run
 
-def _load_model(args: argparse.Namespace):
-    """The dense model from --pretrained or --weights, by the same rule as runs and studies."""
-    from .run import RunConfig, load_dense
+def _eval_config(args: argparse.Namespace):
+    """eval's settings as a checked RunConfig (the same checks as run: an empty --weights,
+    --resolution 0), before any weights or data are read."""
+    from .run import RunConfig
 
     if not (args.weights or args.pretrained):
         raise ValueError("no weights given: pass --pretrained or --weights FILE (a random model "
                          "has nothing to evaluate)")
-    return load_dense(RunConfig(model=args.model, dataset=args.dataset, weights=args.weights,
-                                pretrained=args.pretrained))
+    cfg = RunConfig(model=args.model, dataset=args.dataset, weights=args.weights,
+                    pretrained=args.pretrained, resolution=args.resolution)
+    cfg.check()
+    return cfg
 
 
 def _fetch(model: str, dataset: str, pretrained: bool, weights: str | None,
@@ -88,13 +91,14 @@ def _fetch(model: str, dataset: str, pretrained: bool, weights: str | None,
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import get_spec
     from .evaluate import evaluate
-    from .run import RunConfig, input_resolution
+    from .run import input_resolution, load_dense
 
+    cfg = _eval_config(args)
     if args.download:  # the evaluation split only
-        _fetch(args.model, args.dataset, args.pretrained, args.weights,
-               get_spec(args.dataset).splits[1:])
-    model = _load_model(args)
-    resolution = input_resolution(RunConfig(weights=args.weights, resolution=args.resolution))
+        _fetch(cfg.model, cfg.dataset, cfg.pretrained, cfg.weights,
+               get_spec(cfg.dataset).splits[1:])
+    model = load_dense(cfg)  # by the same rule as runs and studies
+    resolution = input_resolution(cfg)
     result = evaluate(model, args.dataset, args.n_eval, batch_size=args.batch_size,
                       device=args.device, resolution=resolution, progress=not args.json)
     from .assets import asset_root
@@ -403,11 +407,11 @@ def _as_flag(message: str, flags: set[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _apply_assets(args)
     from .runtime import tune_allocator
 
     tune_allocator()
     try:
+        _apply_assets(args)  # an empty --assets is one clear error too
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"sparse-repair: error: {_as_flag(str(e), _flags(parser))}", file=sys.stderr)

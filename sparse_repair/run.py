@@ -88,6 +88,10 @@ class RunConfig:
         if self.weights is not None and not isinstance(self.weights, str):
             raise TypeError(f"weights must be a checkpoint path (a string) or None, got "
                             f"{self.weights!r}")
+        if self.weights is not None and not self.weights.strip():
+            # an empty path used to fall through to the published weights
+            raise ValueError(f"weights is an empty path ({self.weights!r}); name a checkpoint "
+                             f"file, or leave it out (None) for the published weights")
         check_sparsity(self.sparsity)
 
         def integer(name, lo, none_ok=False):
@@ -122,6 +126,11 @@ class RunConfig:
         calls = self.repair_calls()  # validates repairs and repair_options
         if self.shrinkage is not None:
             REPAIRS["asr"].resolve(shrinkage=self.shrinkage)  # a known rule, named if not
+            clash = sorted(label for label, _, opts in calls
+                           if opts.get("shrinkage", self.shrinkage) != self.shrinkage)
+            if clash:  # repair_options won silently before (repair_calls' setdefault)
+                raise ValueError(f"shrinkage={self.shrinkage!r} and repair_options give "
+                                 f"{clash} another shrinkage; set it in one place")
             if not any(method in ("asr", "clipped_asr") for _, method, _ in calls):
                 raise ValueError(f"shrinkage={self.shrinkage!r} applies to asr and clipped_asr "
                                  f"only, and repairs {list(self.repairs)} has neither; add one "
@@ -231,8 +240,11 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
 
 
 def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
+    # a RunConfig built directly (benchmarks, eval, the study worker) skips from_dict's check:
+    # e.g. shrinkage without asr would be dropped, repairs=[] would return no rows
+    cfg.check()
     check_device(cfg.device, available=True)
-    dense = (dense or load_dense(cfg)).to(cfg.device).eval()
+    dense = (dense if dense is not None else load_dense(cfg)).to(cfg.device).eval()
     pruned = copy.deepcopy(dense)
     alloc = allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
     prune_(pruned, alloc)

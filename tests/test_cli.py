@@ -150,6 +150,31 @@ def test_folder_data_set_already_in_place_is_not_a_download_error(tmp_path):
     assert len(spec.source("val", tmp_path, download=True)) == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    # each was accepted and silently replaced: the published weights, the env asset root,
+    # the data set's default resolution, the default store
+    (["run", "--weights", ""], "--weights is an empty path"),
+    (["eval", "--weights", ""], "--weights is an empty path"),
+    (["eval", "--assets", "", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS],
+     "empty asset root"),
+    (["eval", "--model", "resnet8", "--dataset", "digits", "--weights", DIGITS,
+      "--resolution", "0"], "--resolution must be an int >= 1"),
+    (["study", "status", "studies/evidence.toml", "--db", ""], "empty --db path"),
+])
+def test_an_empty_or_zero_value_is_refused_not_replaced_by_a_default(argv, message, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("SPARSE_REPAIR_ASSETS", str(ROOT / "no-such-root"))  # restored after
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_load_split_refuses_a_resolution_it_would_have_replaced():
+    from sparse_repair.data import load_split
+
+    with pytest.raises(ValueError, match=r"resolution must be an int >= 1 \(px\) or None"):
+        load_split("digits", "test", resolution=0)
+
+
 def test_missing_optional_dependency_is_one_clear_error(monkeypatch, capsys):
     import sys
 

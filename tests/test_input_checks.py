@@ -65,6 +65,9 @@ def pair():
     ("asr", {"memory_limit_gb": -1.0}, r"memory_limit_gb must be a number of GiB > 0"),
     ("asr", {"memory_limit_gb": float("nan")}, r"memory_limit_gb must be"),
     ("bn_recal", {"memory_limit_gb": True}, r"memory_limit_gb must be"),
+    # the re-run path has no one-pass frontier: the limit was accepted and ignored
+    ("asr", {"memory_limit_gb": 4, "path": "rerun"}, r"path='rerun' never takes it"),
+    ("reconstruct", {"memory_limit_gb": 4, "path": "rerun"}, r"path='rerun' never takes it"),
     ("asr", {"shrinkage": ["relative"]}, r"unknown shrinkage \['relative'\]"),  # was unhashable
     ("asr", {"scope": {"all"}}, r"unknown scope"),
     ("reconstruct", {"damping": float("inf")}, r"damping must be a finite number >= 0"),
@@ -195,10 +198,30 @@ def test_sparsity_report_refuses_masks_that_do_not_fit_the_model(masked):
     ({"shrinkage": "bogus"}, ValueError, r"unknown shrinkage 'bogus'"),
     ({"shrinkage": "pooled", "repairs": ["bn_recal"]}, ValueError,
      r"shrinkage='pooled' applies to asr and clipped_asr only"),
+    # silently resolved before: an empty path loaded the published weights, and the
+    # repair_options shrinkage won over the shorthand
+    ({"weights": ""}, ValueError, r"weights is an empty path"),
+    ({"weights": "  "}, ValueError, r"weights is an empty path"),
+    ({"shrinkage": "pooled", "repairs": ["asr"],
+      "repair_options": {"asr": {"shrinkage": "relative"}}}, ValueError,
+     r"shrinkage='pooled' and repair_options give \['asr'\] another shrinkage"),
 ])
 def test_runconfig_refuses_settings_that_used_to_fail_only_after_loading(bad, error, match):
     with pytest.raises(error, match=match):
         RunConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"repairs": []}, r"repairs is empty"),  # returned no rows
+    ({"repairs": ["bn_recal"], "shrinkage": "relative"}, r"applies to asr and clipped_asr"),
+])
+def test_a_runconfig_built_directly_is_checked_before_any_work(kw, match, monkeypatch):
+    """RunConfig(...) skips from_dict's check; run_single checks it before loading a model."""
+    from sparse_repair import run as R
+
+    monkeypatch.setattr(R, "load_dense", lambda cfg: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=match):
+        R.run_single(RunConfig(**kw))
 
 
 def test_runconfig_from_dict_refuses_a_non_dict():

@@ -827,6 +827,11 @@ def test_study_file_with_an_unknown_key_is_refused_naming_the_valid_ones(tmp_pat
                      'repair_option = {}\n')
     with pytest.raises(ValueError, match=r"'repair_option' at \[\[models\]\] resnet8"):
         load_study(study)
+    # a study-level key inside a model table was accepted and dropped
+    study.write_text(study.read_text().replace("repair_option = {}\n", 'name = "mine"\n'))
+    with pytest.raises(ValueError, match=r"'name' at \[\[models\]\] resnet8 is a study-level "
+                                         r"key; put it at the top"):
+        load_study(study)
 
 
 def test_a_bad_checkpoint_stops_the_study_before_any_run(tmp_path):

@@ -58,6 +58,18 @@ def _decode_many(source: Source, indices: np.ndarray, resolution: int, native: i
 _MEMO: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def input_side(name: str, resolution: int | None) -> int:
+    """The image side in px: ``resolution``, or the data set's default when None. ValueError
+    for anything but None or an int >= 1 (``resolution or default`` turned 0 into the
+    default silently)."""
+    if resolution is None:
+        return get_spec(name).default_resolution
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be an int >= 1 (px) or None (the {name} default, "
+                         f"{get_spec(name).default_resolution}), got {resolution!r}")
+    return resolution
+
+
 def check_split(name: str, split: str) -> None:
     """ValueError unless ``split`` is one of the data set's ``splits`` (an unknown name was
     read as another split: digits "val" returned the train images)."""
@@ -80,7 +92,7 @@ def load_split(name: str, split: str, resolution: int | None = None, *,
     under the asset root, ModuleNotFoundError for digits without scikit-learn."""
     spec = get_spec(name)
     check_split(name, split)
-    resolution = resolution or spec.default_resolution
+    resolution = input_side(name, resolution)
     key = (name, split, resolution, str(asset_root()))
     if key in _MEMO:
         return _MEMO[key]

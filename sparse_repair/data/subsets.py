@@ -10,7 +10,7 @@ import torch
 
 from ..assets import AssetMissingError, asset_root, cache_dir
 from .datasets import get_spec, train_split_size
-from .splits import _decode_many, normalize
+from .splits import _decode_many, input_side, normalize
 
 
 def stratified_indices(labels: torch.Tensor | np.ndarray, n: int | None, seed: int = 0
@@ -91,7 +91,7 @@ def _train_draw(dataset: str, n: int, seed: int, resolution: int | None, part: s
             raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); "
                             f"pass for example {name.split()[-1]}=1024")
     spec = get_spec(dataset)
-    resolution = resolution or spec.default_resolution
+    resolution = input_side(dataset, resolution)
     root = asset_root()
     try:
         pool: int | None = train_split_size(dataset)

@@ -38,8 +38,9 @@ class EngineOptions:
     path: "auto" (one-pass when the model traces with torch.fx, else re-run), "onepass" or
     "rerun". memory_limit_gb: the one-pass live-frontier limit in GiB before falling back to
     re-run; None = half the free CUDA memory, 8 GiB on CPU (``engine.memory_limit_bytes``).
-    Raises ValueError for a path not in ``engine.PATHS`` or a limit that is not a number > 0
-    (a string, a bool, NaN, 0 or a negative limit; float("inf") never falls back).
+    Raises ValueError for a path not in ``engine.PATHS``, a limit that is not a number > 0
+    (a string, a bool, NaN, 0 or a negative limit; float("inf") never falls back), or a limit
+    with path="rerun", which has no one-pass frontier to limit (it was ignored).
     """
     path: str = "auto"
     memory_limit_gb: float | None = None
@@ -50,6 +51,9 @@ class EngineOptions:
         if limit is not None and not (_is_number(limit) and limit > 0):
             raise ValueError(f"memory_limit_gb must be a number of GiB > 0 or None (None = the "
                              f"default limit), got {limit!r}")
+        if limit is not None and self.path == "rerun":
+            raise ValueError(f"memory_limit_gb={limit!r} limits the one-pass path, and path="
+                             f"'rerun' never takes it; drop memory_limit_gb or use path 'auto'")
 
 
 def _is_number(value: Any) -> bool:

@@ -20,8 +20,12 @@ from .store import Store
 
 def db_path(study: Study, override: str | os.PathLike | None) -> Path:
     """The store of ``study``: ``override`` when given, else ``results/<study name>.sqlite``
-    relative to the working directory."""
-    return Path(override) if override else Path("results") / f"{study.name}.sqlite"
+    relative to the working directory. ValueError for an empty ``override`` (it used to mean
+    the default store)."""
+    if override is not None and not str(override).strip():
+        raise ValueError("empty --db path: name the store file, or leave --db out for "
+                         f"results/{study.name}.sqlite")
+    return Path(override) if override is not None else Path("results") / f"{study.name}.sqlite"
 
 
 @dataclass

@@ -151,6 +151,10 @@ def load_study(path: str | Path) -> Study:
     valid = _valid_keys()
     for where, table in [("top level", raw)] + [(f"[[models]] {m.get('model')}", m)
                                                 for m in raw["models"]]:
+        misplaced = sorted(set(table) & set(STUDY_KEYS)) if table is not raw else []
+        if misplaced:  # they were accepted there and dropped
+            raise ValueError(f"{path}: {', '.join(map(repr, misplaced))} at {where} is a "
+                             f"study-level key; put it at the top of the file")
         unknown = sorted(set(table) - set(valid) - ({"models"} if table is raw else set()))
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} at "
