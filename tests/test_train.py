@@ -62,6 +62,18 @@ def test_augment_cifar_crops_and_flips_each_image_and_is_seeded():
     assert {f for _, _, f in found} == {False, True}, "flips are drawn per image"
 
 
+@pytest.mark.parametrize("dataset", ["imagenette", "imagenet100"])
+def test_imagenet_style_data_sets_get_random_resized_crop_not_pad_crop(dataset):
+    """imagenet100 fell to the CIFAR pad-crop branch; both folder sets take the same draws."""
+    img = _image()
+    batch = img.expand(16, -1, -1, -1).contiguous()
+    out = _augment(batch, dataset, torch.Generator().manual_seed(7))
+    ref = _augment(batch, "imagenette", torch.Generator().manual_seed(7))
+    assert torch.equal(out, ref)
+    padded = _augment(batch, "cifar10", torch.Generator().manual_seed(7))
+    assert not torch.equal(out, padded)
+
+
 def test_pad_crop_on_digits_pads_one_pixel():
     img = _image(side=8, seed=3)
     out = _pad_crop(img.expand(32, -1, -1, -1), 1, torch.Generator().manual_seed(0))
