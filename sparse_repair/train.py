@@ -69,13 +69,13 @@ def _augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
     """uint8 [n, C, h, w] -> augmented uint8 [n, C, h, w] on x's device. Every random number
     comes from the CPU generator ``g`` (seeded once per training run), so the seed fixes them.
 
-    ``RESIZED_CROP`` data sets (imagenette, imagenet100): random-resized-crop, a square of side sqrt(scale) * h with scale uniform in
-    [0.35, 1] at a uniform position, resized back to h x w (bilinear), one image at a time: a
-    Python loop, left as it is because it costs 30-90 ms per 128-image batch at 64 px on one
-    loaded core, 1-3% of a training step (3.3 s: 2,412 s / 740 steps in the committed
-    resnet20-imagenette64 sidecar). Other data sets (CIFAR-like, digits): ``_pad_crop`` with
-    pad max(1, h // 8), per image and vectorised. Then each image is flipped left-right with
-    probability 1/2, one coin per image."""
+    ``RESIZED_CROP`` data sets (imagenette, imagenet100): random-resized-crop, a square of
+    side sqrt(scale) * h with scale uniform in [0.35, 1] at a uniform position, resized back
+    to h x w (bilinear), one image at a time: a Python loop, left as it is because it costs
+    30-90 ms per 128-image batch at 64 px on one loaded core, 1-3% of a training step (3.3 s:
+    2,412 s / 740 steps in the committed resnet20-imagenette64 sidecar). Other data sets
+    (CIFAR-like, digits): ``_pad_crop`` with pad max(1, h // 8), per image and vectorised.
+    Then each image is flipped left-right with probability 1/2, one coin per image."""
     n, _, h, w = x.shape
     if dataset in RESIZED_CROP:  # random-resized-crop (scale 0.35-1) back to h x w
         scale = torch.empty(n).uniform_(0.35, 1.0, generator=g)

@@ -131,6 +131,28 @@ def test_executor_config_rejects_unknown_name():
         ExecutorConfig(name="dask")
 
 
+@pytest.mark.parametrize("kw, match", [
+    # accepted before and never acted on
+    ({"name": "local", "cpus_per_task": 4}, r"cpus_per_task applies to executor ray and slurm"),
+    ({"name": "ray", "slurm_partition": "gpu"}, r"slurm_partition applies to executor slurm"),
+    ({"name": "slurm", "ray_address": "auto"}, r"ray_address applies to executor ray only"),
+    ({"name": "slurm", "slurm_partition": ""}, r"slurm_partition is empty"),
+])
+def test_an_option_the_chosen_executor_would_ignore_is_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ExecutorConfig(**kw)
+    ExecutorConfig(name=kw["name"])  # the defaults are accepted everywhere
+
+
+def test_a_study_mixing_cuda_and_cpu_runs_needs_an_explicit_gpu_reservation(tmp_path):
+    """The reservation is one number for every task, taken from one run's device: CPU runs
+    reserved a GPU, or CUDA runs none. Refused before any submission."""
+    tasks = [(str(i), RunConfig(model="resnet8", dataset="digits", device=d))
+             for i, d in enumerate(("cpu", "cuda"))]
+    with pytest.raises(ValueError, match=r"pass --gpus-per-task N"):
+        next(executors.execute(tasks, ExecutorConfig(name="slurm")))
+
+
 def test_local_retry_recovers_a_failing_run(tmp_path):
     study, db = _study(tmp_path, "retry", sparsities=(0.9,)), tmp_path / "r.sqlite"
     fn = functools.partial(raise_first_attempt, marker_dir=str(tmp_path))

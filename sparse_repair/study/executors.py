@@ -20,13 +20,20 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..assets import asset_root, set_asset_root
 from ..run import RunConfig
 
 EXECUTORS = ("local", "ray", "slurm")
+# The executors that read each backend option. Another executor would accept the option and
+# never act on it (--executor local --cpus-per-task 4 ran one run at a time), so a value other
+# than the default is refused there.
+USED_BY = {"cpus_per_task": ("ray", "slurm"), "gpus_per_task": ("ray", "slurm"),
+           "ray_address": ("ray",), "slurm_cluster": ("slurm",), "slurm_partition": ("slurm",),
+           "slurm_time_min": ("slurm",), "slurm_parallelism": ("slurm",),
+           "slurm_folder": ("slurm",), "poll_s": ("slurm",)}
 
 
 @dataclass
@@ -48,6 +55,17 @@ class ExecutorConfig:
             raise ValueError(f"unknown executor {self.name!r}; choose one of {EXECUTORS}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0 (extra attempts per run), got {self.retries}")
+        for f in fields(self):
+            users = USED_BY.get(f.name)
+            if users and self.name not in users and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name} applies to executor {' and '.join(users)} only, and "
+                                 f"executor {self.name!r} would ignore it; drop it or choose "
+                                 f"{' or '.join(users)}")
+        for name in ("ray_address", "slurm_cluster", "slurm_partition"):
+            v = getattr(self, name)
+            if v is not None and not str(v).strip():  # "" fell back to the default silently
+                raise ValueError(f"{name} is empty; name one, or leave it out (None) for the "
+                                 f"default")
 
     def gpus(self, device: str) -> int:
         """GPUs per task: the explicit option, else one for a CUDA study."""
@@ -171,6 +189,10 @@ class _Ray:
             raise _missing_extra("ray", "ray") from e
         self.ray = ray
         self.started = False
+        if ray.is_initialized() and ec.ray_address is not None:
+            raise ValueError(f"ray_address={ec.ray_address!r}, but Ray is already initialised "
+                             f"in this process and would stay on its cluster; call ray."
+                             f"shutdown() first or leave ray_address out")
         if not ray.is_initialized():
             # address None starts a local cluster sized to this machine; "auto" or an address
             # joins an existing one.
@@ -257,6 +279,13 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
         return
     root = str(Path(asset_root(assets)).resolve())
     device = tasks[0][1].device
+    devices = sorted({c.device for _, c in tasks})
+    if ec.gpus_per_task is None and ec.name != "local" and \
+            len({d.startswith("cuda") for d in devices}) > 1:
+        # the GPU reservation is one number for every task, taken from the device
+        raise ValueError(f"the pending runs use devices {devices}: CUDA and CPU runs would get "
+                         f"the same GPU reservation; pass --gpus-per-task N (gpus_per_task), "
+                         f"or run the CPU and CUDA models as separate studies")
     backend = BACKENDS[ec.name](ec, fn, device)
     attempts = {rid: 1 for rid, _ in tasks}
     inflight = dict(zip(backend.submit([(asdict(c), root) for _, c in tasks]), tasks))
