@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     method = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "allocation")
     p.add_argument("--model", required=True, help="architecture (sparse_repair.models registry)")
-    p.add_argument("--method", default=method, choices=list_allocators(),
+    # --allocation as in run (and study files): the same setting under its RunConfig name
+    p.add_argument("--method", "--allocation", default=method, choices=list_allocators(),
                    help=f"allocator (sparse_repair.allocation registry) (default: {method})")
     p.add_argument("--sparsity", type=float, required=True, help="pruned fraction in [0, 1)")
     p.add_argument("--exclude", type=_csv, action=_ListFlag, default=[], metavar="A,B,...",

@@ -333,7 +333,7 @@ def test_allocate_unknown_method_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["allocate", "--model", "resnet8", "--sparsity", "0.9", "--method", "ekr"])
     assert exit_.value.code == 2
-    assert "argument --method: invalid choice: 'ekr'" in capsys.readouterr().err
+    assert "argument --method/--allocation: invalid choice: 'ekr'" in capsys.readouterr().err
 
 
 # ------------------------------------------- bad input refused before training (a hostile pass)

@@ -68,7 +68,11 @@ def sweep(study: Study, store: Store, ec: ExecutorConfig, assets: str | os.PathL
     if progress:
         print(f"study {study.name}: {len(study.runs)} runs, {summary.done_before} done, "
               f"{len(pending)} to run on executor {ec.name} -> {store.path}", flush=True)
-        print(f"executor config: {json.dumps(asdict(ec))}", flush=True)
+        from .executors import USED_BY
+
+        # only what this executor acts on (the slurm settings mean nothing to a local run)
+        shown = {k: v for k, v in asdict(ec).items() if ec.name in USED_BY.get(k, (ec.name,))}
+        print(f"executor config: {json.dumps(shown)}", flush=True)
     bar = Progress(len(pending), f"study {study.name}", enabled=progress, unit="run")
     for out in execute(pending, ec, assets=assets, fn=fn or run_task):
         _write(out, store, progress)
