@@ -81,7 +81,7 @@ def fetch_regime_assets() -> None:
     unless they are under the asset root (../shared/assets/unpack.sh)."""
     from regimes import ALL
 
-    from sparse_repair.data import get_spec, load_split
+    from sparse_repair.data import fetch_split, get_spec
     from sparse_repair.weights import PRETRAINED, pretrained_path
 
     regimes = [r for r in ALL if r.needs_assets]
@@ -89,7 +89,7 @@ def fetch_regime_assets() -> None:
         pretrained_path(model, allow_download=True)
     for dataset in sorted({r.dataset for r in regimes if r.dataset in ("cifar10", "cifar100")}):
         for split in get_spec(dataset).splits:
-            load_split(dataset, split, download=True, progress=False)
+            fetch_split(dataset, split)
 
 
 @pytest.fixture(scope="session")

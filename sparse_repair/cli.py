@@ -79,13 +79,13 @@ def _fetch(model: str, dataset: str, pretrained: bool, weights: str | None,
     splits the command reads, each checksummed by its source (assets.download, torchvision),
     before anything else runs. A data set without an automatic download (ImageFolder ones)
     raises AssetMissingError naming where to place it, unless it is already there."""
-    from .data import load_split
+    from .data import fetch_split
     from .weights import pretrained_path
 
     if pretrained and not weights:
         pretrained_path(model, allow_download=True)
-    for split in splits:
-        load_split(dataset, split, download=True)
+    for split in splits:  # files only: decoding here would be at the default size, uncalled for
+        fetch_split(dataset, split)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

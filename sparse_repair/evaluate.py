@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .data import check_split, get_spec, load_split, normalize, stratified_indices
+from .data.splits import input_side
 from .progress import progress_bar
 
 
@@ -37,8 +38,8 @@ def evaluate(model: nn.Module, dataset: str = "cifar10", n: int | None = 2000, *
     spec = get_spec(dataset)
     if split is not None:
         check_split(dataset, split)
-    check_weights_fit(model, dataset, spec.num_classes,
-                      resolution if resolution is not None else spec.default_resolution)
+    side = input_side(dataset, resolution)  # 0 read as "trained at 0 px" before
+    check_weights_fit(model, dataset, spec.num_classes, side)
     images, labels = load_split(dataset, split or spec.splits[1], resolution)
     idx = torch.from_numpy(stratified_indices(labels, n))
     model = model.to(device).eval()

@@ -122,13 +122,13 @@ def test_download_fetches_the_weights_and_every_split_the_command_reads(command,
     def fake_weights(name, allow_download=False):
         fetched.append(("weights", name, allow_download))
 
-    def fake_split(name, split, resolution=None, *, download=False, **kw):
-        fetched.append((name, split, download))
+    def fake_split(name, split):
+        fetched.append((name, split, True))
         if split == splits[-1]:
             raise RuntimeError("stop after the downloads")
 
     monkeypatch.setattr(W, "pretrained_path", fake_weights)
-    monkeypatch.setattr(D, "load_split", fake_split)
+    monkeypatch.setattr(D, "fetch_split", fake_split)
     with pytest.raises(RuntimeError, match="stop after the downloads"):
         main([command, "--model", "resnet20", "--dataset", "cifar10", "--pretrained",
               "--download"])
@@ -169,10 +169,35 @@ def test_an_empty_or_zero_value_is_refused_not_replaced_by_a_default(argv, messa
 
 
 def test_load_split_refuses_a_resolution_it_would_have_replaced():
-    from sparse_repair.data import load_split
+    import numpy as np
 
-    with pytest.raises(ValueError, match=r"resolution must be an int >= 1 \(px\) or None"):
-        load_split("digits", "test", resolution=0)
+    from sparse_repair.data import load_split
+    from sparse_repair.evaluate import evaluate
+    from sparse_repair.weights import load_trained
+
+    for bad in (0, -3, True, 8.0):
+        with pytest.raises(ValueError, match=r"resolution must be an integer >= 1 \(px\)"):
+            load_split("digits", "test", resolution=bad)
+    # numpy integers are integers
+    assert load_split("digits", "test", resolution=np.int64(8))[0].shape[-1] == 8
+    model, _ = load_trained(DIGITS)  # checked before the weights' fit, not read as "0 px"
+    with pytest.raises(ValueError, match=r"resolution must be an integer >= 1"):
+        evaluate(model, "digits", 50, resolution=0)
+
+
+def test_download_fetches_files_without_decoding_them(monkeypatch):
+    """--download fetched by load_split, which decoded and cached the whole split at the
+    default size (imagenet100 at 224 px: ~19 GB) although the run reads another size."""
+    from sparse_repair import data as D
+    from sparse_repair.cli import _fetch
+
+    monkeypatch.setattr(D, "load_split", lambda *a, **k: pytest.fail("decoded a split"))
+    seen = []
+    spec = dataclasses.replace(D.get_spec("digits"), source=lambda split, root, download=False:
+                               seen.append((split, download)))
+    monkeypatch.setitem(D.DATASETS, "digits", spec)
+    _fetch("resnet8", "digits", False, DIGITS, spec.splits)
+    assert seen == [("train", True), ("test", True)]
 
 
 def test_missing_optional_dependency_is_one_clear_error(monkeypatch, capsys):

@@ -123,7 +123,7 @@ def test_missing_executor_extra_is_one_line_naming_the_install(tmp_path, monkeyp
     assert main(["study", "run", str(study), "--db", str(db), "--executor", executor]) == 2
     err = capsys.readouterr().err
     assert f"pip install 'sparse-repair[{executor}]'" in err and "Traceback" not in err
-    assert not db.exists() or _runs(db) == {}
+    assert not db.exists(), "refused before the store is created"
 
 
 def test_executor_config_rejects_unknown_name():
@@ -151,6 +151,13 @@ def test_a_study_mixing_cuda_and_cpu_runs_needs_an_explicit_gpu_reservation(tmp_
              for i, d in enumerate(("cpu", "cuda"))]
     with pytest.raises(ValueError, match=r"pass --gpus-per-task N"):
         next(executors.execute(tasks, ExecutorConfig(name="slurm")))
+    study = _study(tmp_path, "mixed", sparsities=(0.9,),
+                   extra_model=f'[[models]]\nmodel = "resnet8"\ndataset = "digits"\n'
+                               f'weights = "{CKPT.as_posix()}"\ndevice = "cuda"\n')
+    db = tmp_path / "mixed.sqlite"
+    with pytest.raises(ValueError, match=r"pass --gpus-per-task N"):
+        api.run(study, db=db, executor="slurm", slurm_cluster="local")
+    assert not db.exists(), "refused before the store is created"
 
 
 def test_local_retry_recovers_a_failing_run(tmp_path):

@@ -832,6 +832,10 @@ def test_study_file_with_an_unknown_key_is_refused_naming_the_valid_ones(tmp_pat
     with pytest.raises(ValueError, match=r"'name' at \[\[models\]\] resnet8 is a study-level "
                                          r"key; put it at the top"):
         load_study(study)
+    # an empty weights path meant the published weights, silently
+    study.write_text(study.read_text().replace('name = "mine"\n', 'weights = ""\n'))
+    with pytest.raises(ValueError, match=r"weights is an empty path"):
+        load_study(study)
 
 
 def test_a_bad_checkpoint_stops_the_study_before_any_run(tmp_path):

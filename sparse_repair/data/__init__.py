@@ -27,7 +27,7 @@ from .datasets import (
     train_split_size,
 )
 from .splits import _MEMO as _MEMO
-from .splits import check_split, load_split, normalize
+from .splits import check_split, fetch_split, load_split, normalize
 from .subsets import calibration_set, scoring_set, stratified_indices
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "Source",
     "calibration_set",
     "check_split",
+    "fetch_split",
     "get_spec",
     "list_datasets",
     "load_split",

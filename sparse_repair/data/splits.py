@@ -62,12 +62,27 @@ def input_side(name: str, resolution: int | None) -> int:
     """The image side in px: ``resolution``, or the data set's default when None. ValueError
     for anything but None or an int >= 1 (``resolution or default`` turned 0 into the
     default silently)."""
+    import operator
+
     if resolution is None:
         return get_spec(name).default_resolution
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be an int >= 1 (px) or None (the {name} default, "
-                         f"{get_spec(name).default_resolution}), got {resolution!r}")
-    return resolution
+    try:  # any integer type (numpy's too), not a bool or a float
+        side = operator.index(resolution) if not isinstance(resolution, bool) else None
+    except TypeError:
+        side = None
+    if side is None or side < 1:
+        raise ValueError(f"resolution must be an integer >= 1 (px) or None (the {name} "
+                         f"default, {get_spec(name).default_resolution}), got {resolution!r}")
+    return int(side)
+
+
+def fetch_split(name: str, split: str) -> None:
+    """Make sure a split's files are under the asset root, downloading them where the data set
+    has an upstream (torchvision's CIFAR, md5-checked); nothing is decoded or cached. Raises
+    ValueError for an unknown data set or split and AssetMissingError for files that are
+    missing and have no download (ImageFolder sets: the message says where to place them)."""
+    check_split(name, split)
+    get_spec(name).source(split, asset_root(), True)
 
 
 def check_split(name: str, split: str) -> None:

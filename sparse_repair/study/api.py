@@ -93,6 +93,9 @@ def run(study: StudyLike, *, db: str | os.PathLike | None = None,
     ec = _executor_config(executor, executor_options)
     if fn is None:
         check_weights(st)
+    from .executors import preflight
+
+    preflight(st.runs, ec, assets)  # before the store exists: a refused run leaves no file
     store = Store(db_path(st, db))
     try:
         after = None

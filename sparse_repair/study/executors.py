@@ -57,11 +57,13 @@ class ExecutorConfig:
             raise ValueError(f"retries must be >= 0 (extra attempts per run), got {self.retries}")
         for f in fields(self):
             users = USED_BY.get(f.name)
-            if users and self.name not in users and getattr(self, f.name) != f.default:
+            value = getattr(self, f.name)
+            if users and self.name not in users and value != f.default and \
+                    str(value) != str(f.default):  # Path("results/slurm/%j") is the default
                 raise ValueError(f"{f.name} applies to executor {' and '.join(users)} only, and "
                                  f"executor {self.name!r} would ignore it; drop it or choose "
                                  f"{' or '.join(users)}")
-        for name in ("ray_address", "slurm_cluster", "slurm_partition"):
+        for name in ("ray_address", "slurm_cluster", "slurm_partition", "slurm_folder"):
             v = getattr(self, name)
             if v is not None and not str(v).strip():  # "" fell back to the default silently
                 raise ValueError(f"{name} is empty; name one, or leave it out (None) for the "
@@ -269,6 +271,33 @@ class _Slurm:
 BACKENDS = {"local": _Local, "ray": _Ray, "slurm": _Slurm}
 
 
+def _check_devices(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig) -> None:
+    devices = sorted({c.device for _, c in tasks})
+    if ec.gpus_per_task is None and ec.name != "local" and \
+            len({d.startswith("cuda") for d in devices}) > 1:
+        # the GPU reservation is one number for every task, taken from the device
+        raise ValueError(f"the runs use devices {devices}: CUDA and CPU runs would get the same "
+                         f"GPU reservation; pass --gpus-per-task N (gpus_per_task), or run the "
+                         f"CPU and CUDA models as separate studies")
+
+
+def preflight(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
+              assets: str | os.PathLike | None = None) -> None:
+    """What ``execute`` would refuse, checked before a caller creates anything (the store):
+    the asset root (an empty one), the executor's extra (ModuleNotFoundError naming the
+    install) and a CUDA/CPU device mix without ``gpus_per_task``."""
+    asset_root(assets)
+    module = {"ray": "ray", "slurm": "submitit"}.get(ec.name)
+    if module is not None:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise _missing_extra(ec.name, module) from e
+    _check_devices(tasks, ec)
+
+
 def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
             assets: str | os.PathLike | None = None, fn: TaskFn = run_task
             ) -> Iterator[Outcome]:
@@ -279,13 +308,7 @@ def execute(tasks: list[tuple[str, RunConfig]], ec: ExecutorConfig,
         return
     root = str(Path(asset_root(assets)).resolve())
     device = tasks[0][1].device
-    devices = sorted({c.device for _, c in tasks})
-    if ec.gpus_per_task is None and ec.name != "local" and \
-            len({d.startswith("cuda") for d in devices}) > 1:
-        # the GPU reservation is one number for every task, taken from the device
-        raise ValueError(f"the pending runs use devices {devices}: CUDA and CPU runs would get "
-                         f"the same GPU reservation; pass --gpus-per-task N (gpus_per_task), "
-                         f"or run the CPU and CUDA models as separate studies")
+    _check_devices(tasks, ec)
     backend = BACKENDS[ec.name](ec, fn, device)
     attempts = {rid: 1 for rid, _ in tasks}
     inflight = dict(zip(backend.submit([(asdict(c), root) for _, c in tasks]), tasks))

@@ -93,8 +93,13 @@ def _weights_identity(path: str) -> str:
 
 
 def _resolve_weights(w: str | None, base: Path) -> str | None:
-    if not w:
+    if w is None:
         return None
+    if isinstance(w, str) and not w.strip():  # "" meant the published weights, silently
+        raise ValueError("weights is an empty path; name a checkpoint file, or leave weights "
+                         "out for the published weights")
+    if not isinstance(w, str):
+        return w  # RunConfig.check names the type
     p = Path(w)
     if p.is_absolute() or p.exists():
         return str(p)
