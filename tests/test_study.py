@@ -953,6 +953,42 @@ def test_layer_plot_runs_are_the_first_models_lowest_seed_nearest_0_9(tmp_path):
     assert layer_plot_runs(study, {by["lamp", 0.8, 1]}) == (0.8, {"lamp": (by["lamp", 0.8, 1], 1)})
 
 
+def test_a_relative_weights_path_leaves_no_machine_path_in_the_store_or_snapshot(tmp_path):
+    """A study file may name its checkpoint relative to itself; workers get the resolved path,
+    but the store (and so a committed snapshot) names the checkpoint by file name and content
+    hash, as the run id does: a snapshot holds no absolute machine path."""
+    import gzip
+    import shutil
+
+    from sparse_repair import study as study_api
+
+    for suffix in ("", ".json"):
+        shutil.copy(str(CKPT) + suffix, tmp_path / (CKPT.name + suffix))
+    path = _study(tmp_path, sparsities=(0.9,), repairs=("bn_recal",))
+    path.write_text(path.read_text().replace(CKPT.as_posix(), CKPT.name)
+                    .replace('allocations = ["erk", "lamp"]', 'allocations = ["erk"]'))
+    db = tmp_path / "r.sqlite"
+
+    def fail(cfg, assets):
+        raise RuntimeError("injected")
+
+    def configs() -> list[str]:
+        with sqlite3.connect(db) as c:
+            return [r[0] for r in c.execute("SELECT config FROM results UNION ALL "
+                                            "SELECT config FROM runs")]
+
+    here = str(tmp_path)
+    assert study_api.run(path, db=db, fn=fail, retries=0).exit_code != 0
+    failed = configs()
+    assert failed and not [t for t in failed if here in t], "a failed run's config too"
+    assert study_api.run(path, db=db).exit_code == 0, "the failed run is retried and done"
+    study_api.export(path, tmp_path / "s.gz", db=db)
+    stored = configs()
+    assert len(stored) == 2 and not [t for t in stored if here in t], stored
+    assert all(f'"{CKPT.name}:' in t for t in stored), "the checkpoint is named by identity"
+    assert here not in gzip.decompress((tmp_path / "s.gz").read_bytes()).decode()
+
+
 def test_export_refuses_to_drop_runs_a_snapshot_already_holds(finished, tmp_path):
     from sparse_repair import study as study_api
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..progress import Progress
 from .executors import ExecutorConfig, Outcome, TaskFn, execute, run_task
-from .spec import Study
+from .spec import Study, stored_config
 from .store import Store
 
 
@@ -96,7 +96,8 @@ def _write(out: Outcome, store: Store, progress: bool) -> None:
     tag = f"[{out.rid}] {cfg.model}/{cfg.dataset} {cfg.allocation} S={cfg.sparsity} " \
           f"seed {cfg.seed}"
     if out.ok:
-        store.write_run(out.rid, out.rows, out.dense_top1, attempts=out.attempts,
+        rows = [{**r, "config": stored_config(r["config"])} for r in out.rows]
+        store.write_run(out.rid, rows, out.dense_top1, attempts=out.attempts,
                         wall_s=out.wall_s, allocation=out.allocation,
                         repair_layers=out.repair_layers)
         if progress:
@@ -104,7 +105,8 @@ def _write(out: Outcome, store: Store, progress: bool) -> None:
             wall = "?" if out.wall_s is None else f"{out.wall_s:.1f}"
             print(f"\n{tag}: {summary} (worker {wall}s, attempt {out.attempts})", flush=True)
     else:
-        store.write_failure(out.rid, asdict(cfg), out.error, attempts=out.attempts)
+        store.write_failure(out.rid, stored_config(asdict(cfg)), out.error,
+                            attempts=out.attempts)
         if progress:
             print(f"\n{tag}: FAILED after {out.attempts} attempts; see `sparse-repair study "
                   f"status`", file=sys.stderr, flush=True)

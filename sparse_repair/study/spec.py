@@ -92,6 +92,17 @@ def _weights_identity(path: str) -> str:
     return _WEIGHT_IDS[path]
 
 
+def stored_config(config: dict) -> dict:
+    """``config`` (a run's settings, as a dict) as a store keeps it: ``weights`` named by the
+    checkpoint's identity (file name and content hash, as the run id hashes it), not by this
+    machine's path. A study file's relative weights path is resolved against the study's
+    directory for the workers; writing that absolute path into the store, and so into a
+    committed snapshot, would leak the machine's layout ("no absolute machine paths")."""
+    if not config.get("weights"):
+        return config
+    return {**config, "weights": _weights_identity(config["weights"])}
+
+
 def _resolve_weights(w: str | None, base: Path) -> str | None:
     if w is None:
         return None
