@@ -18,6 +18,7 @@ from .data import calibration_set, get_spec, scoring_set, train_split_size
 from .evaluate import evaluate, label_free_scores, predict_logits
 from .pruning import prune_, sparsity_report
 from .repair import list_repairs, repair
+from .runtime import user_stacklevel
 
 
 @dataclass
@@ -280,7 +281,7 @@ def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
                 # incomplete. The dense logits are still checked by label_free_scores.
                 warnings.warn(f"{label}: the repaired model's logits on the scoring images are "
                               f"not finite; its row is stored without agreement and KL",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=user_stacklevel())
         rows.append({"repair": label, "method": method, "top1": acc["top1"], "n_eval": acc["n"],
                      **scores, "collapsed": alloc.collapsed,
                      "seconds": report.seconds, "passes_dense": report.passes_dense,

@@ -1,5 +1,6 @@
 """Process-level CPU settings for our entry points (CLI, benchmark and test sessions, study
-workers). Library imports never call this: it changes the whole process's allocator.
+workers), and where the package's warnings point (``user_stacklevel``). Library imports never
+call ``tune_allocator``: it changes the whole process's allocator.
 
 Why: at 64 px a ResNet-20 activation chunk is tens of MB, above glibc's mmap threshold, so every
 freed activation goes back to the kernel and the next one is page-faulted in again. Measured on
@@ -16,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -44,3 +47,20 @@ def tune_allocator() -> bool:
         mallopt(_M_TRIM_THRESHOLD, _THRESHOLD_BYTES) == 1
     _DONE = ok
     return ok
+
+
+_PACKAGE = Path(__file__).resolve().parent  # sparse_repair/
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that attributes the warning to the first frame
+    outside this package (the user's script, notebook cell or test), whatever the call depth
+    inside it: a fixed number pointed at our own code whenever a new caller (the memo,
+    ``calibration_set``, ``repair``'s dispatch) sat in between. Call it as the argument of
+    ``warnings.warn`` in the function that warns. Returns an int >= 1."""
+    frame, level = sys._getframe(1), 1  # the function calling warnings.warn: level 1
+    while Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
+        if frame.f_back is None:  # only our frames (a thread's target): the outermost
+            break
+        frame, level = frame.f_back, level + 1
+    return level

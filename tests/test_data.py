@@ -187,8 +187,9 @@ def _write_cifar10(root: Path, batches=(1, 2, 3), n: int = 10, seed: int = 0):
 def test_cifar10_partial_train_split_uses_batches_present_and_warns_once(asset_root):
     _write_cifar10(asset_root, batches=(1, 2, 3))
     D._WARNED.clear()
-    with pytest.warns(UserWarning, match=r"data_batch_4, data_batch_5 not found.*3 of 5"):
+    with pytest.warns(UserWarning, match=r"data_batch_4, data_batch_5 not found.*3 of 5") as w:
         images, labels = D.load_split("cifar10", "train")
+    assert [x.filename for x in w] == [__file__], "the warning names the caller's line"
     assert images.shape == (30, 3, 32, 32), "the train split is the batches present, no more"
     assert D.train_split_size("cifar10") == 30
     import warnings

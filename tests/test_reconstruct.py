@@ -335,8 +335,9 @@ def test_a_layer_over_the_solve_budget_is_left_as_pruned_with_the_estimate(group
     limit = (costs[big] + max(c for n, c in costs.items() if n != big)) / 2
     free, capped = copy.deepcopy(pruned), copy.deepcopy(pruned)
     ref = repair(free, "reconstruct", calib, dense=dense, max_solve_gflop=None)
-    with pytest.warns(UserWarning, match=f"exceeds max_solve_gflop.*{big}"):
+    with pytest.warns(UserWarning, match=f"exceeds max_solve_gflop.*{big}") as w:
         report = repair(capped, "reconstruct", calib, dense=dense, max_solve_gflop=limit)
+    assert [x.filename for x in w] == [__file__], "the warning names the caller's line"
     assert set(report.skipped) == {big}
     assert "pass a larger max_solve_gflop" in report.skipped[big]
     assert f"{costs[big]:,.0f} GFLOP" in report.skipped[big]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..assets import UNPACK_HINT, AssetMissingError, asset_root
+from ..runtime import user_stacklevel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,7 +89,7 @@ def _present_batches(root: Path, folder: str, files: list[str], split: str) -> l
                       f"split uses the {len(present)} of {len(files)} batch files present "
                       f"({', '.join(present)}). Calibration draws and result records carry "
                       "the train-image count, so they are never confused with draws from the "
-                      "full split.", UserWarning, stacklevel=3)
+                      "full split.", UserWarning, stacklevel=user_stacklevel())
     return present
 
 

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
+from ..runtime import user_stacklevel
 from . import engine
 from .engine import FrontierTooLarge, PassResult, capture_input
 from .lstsq import PRIORS, TARGETS, Gram, solve
@@ -215,7 +216,7 @@ def plan_layers(model: nn.Module, probe: Tensor, max_solve_gflop: float | None =
         warnings.warn(f"reconstruct leaves {len(budget)} layer(s) as pruned because their "
                       f"solve exceeds max_solve_gflop={max_solve_gflop:,.0f}: "
                       f"{', '.join(budget)} (the report's per-layer records say why)",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=user_stacklevel())
     calls = tuple(counts)          # dict order: first call
     order = tuple(n for n in calls if n not in skipped)
     if not order:

@@ -98,6 +98,7 @@ from ..pruning import prune_
 from ..repair import REPAIRS, as_image_tensor, check_model
 from ..repair import repair as run_repair  # the ``repair`` argument names the method
 from ..repair.engine import batchnorms, check_image_channels
+from ..runtime import user_stacklevel
 
 CRITERIA = ("kl", "agreement")
 # The default criterion: agreement since 2026-11-30, KL before. Evidence: (1) choosing the
@@ -503,7 +504,7 @@ def search_allocation(dense: nn.Module, sparsity: float, calibration: torch.Tens
         warnings.warn(LayerCollapseWarning(
             f"the searched allocation ({alloc.method}) keeps 0 weights in "
             f"{len(alloc.collapsed)} layer(s): {', '.join(alloc.collapsed)}; pass min_keep=1 "
-            "(or more) to keep weights in every layer"), stacklevel=2)
+            "(or more) to keep weights in every layer"), stacklevel=user_stacklevel())
     settings = {"sparsity": float(sparsity), "candidates": list(names) if auto else None,
                 "exclude": list(exclude), "min_keep": int(min_keep), "grid": grid,
                 "refine": refine, "layer_sweeps": layer_sweeps, "move_factor": move_factor}
