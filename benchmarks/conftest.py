@@ -87,7 +87,7 @@ def fetch_regime_assets() -> None:
     regimes = [r for r in ALL if r.needs_assets]
     for model in sorted({r.model for r in regimes if r.weights is None and r.model in PRETRAINED}):
         pretrained_path(model, allow_download=True)
-    for dataset in sorted({r.dataset for r in regimes if r.dataset in ("cifar10", "cifar100")}):
+    for dataset in sorted({r.dataset for r in regimes if get_spec(r.dataset).upstream}):
         for split in get_spec(dataset).splits:
             fetch_split(dataset, split)
 

@@ -325,3 +325,31 @@ def test_an_unknown_split_is_refused_not_read_as_another(name, split):
 
     with pytest.raises(ValueError, match=f"got split={split!r}"):  # before the model is read
         evaluate(torch.nn.Linear(1, 1), name, split=split)
+
+
+@pytest.mark.parametrize("name", D.list_datasets())
+def test_a_data_set_downloads_only_from_its_registered_upstream(name, asset_root, monkeypatch):
+    """``DatasetSpec.upstream`` is the one record of which data sets can be downloaded (the
+    benchmark suite's --download fetches exactly those): with an upstream, fetch_split asks
+    torchvision for every split; without one, it never tries, and missing files are an
+    AssetMissingError that says where to place them."""
+    import torchvision
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, root, train, download):
+            calls.append((train, download))
+
+    for cls in ("CIFAR10", "CIFAR100"):
+        monkeypatch.setattr(torchvision.datasets, cls, Recorder)
+    spec = D.get_spec(name)
+    for split in spec.splits:
+        try:
+            D.fetch_split(name, split)
+        except AssetMissingError as e:  # the recorder wrote nothing: the files stay missing
+            assert str(asset_root) in str(e), f"the error says where to place them: {e}"
+    if spec.upstream:
+        assert calls == [(True, True), (False, True)], "train and test splits downloaded"
+    else:
+        assert calls == [], f"{name} has no upstream and must not download"

@@ -34,6 +34,8 @@ class DatasetSpec:
     default_resolution: int                  # side length in pixels fed to the model
     splits: tuple[str, str]                  # (train split, evaluation split)
     source: Callable[..., Source] = field(repr=False)
+    upstream: str | None = None              # where a missing split is downloaded from (None:
+                                             # no download; place the files under the root)
 
 
 @dataclass
@@ -164,11 +166,13 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec("cifar10", 10, IMAGENET_MEAN, IMAGENET_STD, 32, ("train", "test"),
                            _torchvision_cifar("CIFAR10", "cifar-10-batches-py",
                                               [f"data_batch_{i}" for i in range(1, 6)],
-                                              ["test_batch"], "labels")),
+                                              ["test_batch"], "labels"),
+                           upstream="torchvision.datasets.CIFAR10 (md5-checked)"),
     "cifar100": DatasetSpec("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                             32, ("train", "test"),
                             _torchvision_cifar("CIFAR100", "cifar-100-python", ["train"],
-                                               ["test"], "fine_labels")),
+                                               ["test"], "fine_labels"),
+                            upstream="torchvision.datasets.CIFAR100 (md5-checked)"),
     # The pretrained akamaster weights were trained with ImageNet statistics (assets README).
     "cifar10-jpeg": DatasetSpec("cifar10-jpeg", 10, IMAGENET_MEAN, IMAGENET_STD, 32,
                                 ("train", "test"), _folder_source("cifar10-jpeg")),
