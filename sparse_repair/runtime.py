@@ -59,8 +59,14 @@ def user_stacklevel() -> int:
     ``calibration_set``, ``repair``'s dispatch) sat in between. Call it as the argument of
     ``warnings.warn`` in the function that warns. Returns an int >= 1."""
     frame, level = sys._getframe(1), 1  # the function calling warnings.warn: level 1
-    while Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
+    while _in_package(frame.f_code.co_filename):
         if frame.f_back is None:  # only our frames (a thread's target): the outermost
             break
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _in_package(filename: str) -> bool:
+    # "<stdin>", "<string>": code typed by the user, never ours (resolving them against the
+    # working directory would count them as ours when it lies inside the package)
+    return not filename.startswith("<") and Path(filename).resolve().is_relative_to(_PACKAGE)

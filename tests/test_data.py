@@ -68,6 +68,15 @@ def test_image_folder_loads_and_converts_grayscale(asset_root):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_an_image_folder_class_without_images_is_refused(asset_root):
+    """An empty class folder gave a split without that class (or an empty [0, 3, H, W] split):
+    accuracy and calibration draws silently lost a class. It is refused, naming the folder."""
+    _write_folder(asset_root, "imagenette", "val")
+    (asset_root / "imagenette" / "val" / "c").mkdir()
+    with pytest.raises(AssetMissingError, match=r"1 class folder\(s\) hold no image.*'c'"):
+        D.load_split("imagenette", "val", resolution=16)
+
+
 def test_missing_asset_error_names_the_path(asset_root):
     with pytest.raises(AssetMissingError, match=str(asset_root / "cifar10-jpeg" / "test")):
         D.load_split("cifar10-jpeg", "test")

@@ -86,6 +86,28 @@ def test_run_ids_do_not_depend_on_where_the_checkpoint_lies(tmp_path):
         "same run ids, or resuming there recomputes everything")
 
 
+def test_a_checkpoint_written_later_in_the_process_gets_its_own_identity(tmp_path):
+    """The identity (name and content hash) is cached per file state, never for a missing
+    file: a checkpoint created or replaced after a first run in the same process (a notebook)
+    is named by its current content, and a missing one by its file name only, never by this
+    machine's path."""
+    import shutil
+
+    from sparse_repair.study.spec import _weights_identity, stored_config
+
+    path = tmp_path / "w" / CKPT.name
+    missing = stored_config({"weights": str(path)})["weights"]
+    assert missing == f"{CKPT.name}:not found here", missing
+    path.parent.mkdir()
+    shutil.copy(CKPT, path)
+    first = _weights_identity(str(path))
+    assert first.startswith(f"{CKPT.name}:") and str(tmp_path) not in first
+    assert stored_config({"weights": str(path)})["weights"] == first
+    path.write_bytes(path.read_bytes() + b"\0")  # replaced in place: other content
+    os.utime(path, ns=(1, 1))
+    assert _weights_identity(str(path)) != first, "a stale hash named the old content"
+
+
 def test_resolution_is_part_of_a_run_only_when_set():
     import hashlib
     import json

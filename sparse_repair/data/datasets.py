@@ -69,6 +69,11 @@ def _image_folder(folder: Path, classes: list[str] | None = None) -> Source:
             if f.suffix.lower() in exts:
                 files.append(f)
                 labels.append(label)
+    present = set(labels)
+    empty = [d.name for label, d in enumerate(class_dirs) if label not in present]
+    if empty:  # an empty split, or a class silently missing from accuracy and calibration
+        raise AssetMissingError(f"{folder}: {len(empty)} class folder(s) hold no image "
+                                f"({', '.join(sorted(exts))}), e.g. {empty[:3]}; {UNPACK_HINT}")
     return Source(np.asarray(labels, dtype=np.int64), files=files)
 
 

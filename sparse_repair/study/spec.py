@@ -80,16 +80,26 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_WEIGHT_IDS: dict[str, str] = {}
+_WEIGHT_IDS: dict[tuple[str, int, int], str] = {}
 
 
 def _weights_identity(path: str) -> str:
     """File name and content hash of a checkpoint, so run ids are the same on every machine
-    and filesystem (a laptop, a Ray node, a Slurm job) for the same weights."""
-    if path not in _WEIGHT_IDS:
-        p = Path(path)
-        _WEIGHT_IDS[path] = f"{p.name}:{sha256_of(p)[:16]}" if p.is_file() else path
-    return _WEIGHT_IDS[path]
+    and filesystem (a laptop, a Ray node, a Slurm job) for the same weights. A path that is no
+    file here is its own identity (the checkpoint may exist only on the workers). The hash is
+    cached per (path, mtime, size) and never for a missing file: a checkpoint written or
+    replaced later in the same process gets its own identity, not a stale one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return path
+    if not p.is_file():
+        return path
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _WEIGHT_IDS:
+        _WEIGHT_IDS[key] = f"{p.name}:{sha256_of(p)[:16]}"
+    return _WEIGHT_IDS[key]
 
 
 def stored_config(config: dict) -> dict:
@@ -100,7 +110,10 @@ def stored_config(config: dict) -> dict:
     committed snapshot, would leak the machine's layout ("no absolute machine paths")."""
     if not config.get("weights"):
         return config
-    return {**config, "weights": _weights_identity(config["weights"])}
+    ident = _weights_identity(config["weights"])
+    if ident == config["weights"]:  # no file here (a failed run, or one only on the workers)
+        ident = f"{Path(ident).name}:not found here"
+    return {**config, "weights": ident}
 
 
 def _resolve_weights(w: str | None, base: Path) -> str | None:
