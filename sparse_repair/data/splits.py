@@ -8,6 +8,7 @@ applied per batch by ``normalize``.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,6 @@ def input_side(name: str, resolution: int | None) -> int:
     """The image side in px: ``resolution``, or the data set's default when None. ValueError
     for anything but None or an int >= 1 (``resolution or default`` turned 0 into the
     default silently)."""
-    import operator
-
     if resolution is None:
         return get_spec(name).default_resolution
     try:  # any integer type (numpy's too), not a bool or a float

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _weights_identity(path: str) -> str:
         st = p.stat()
     except OSError:
         return path
-    if not p.is_file():
+    if not stat.S_ISREG(st.st_mode):  # from the one stat: no second look at the file
         return path
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _WEIGHT_IDS:
