@@ -194,6 +194,33 @@ def load_dense(cfg: RunConfig) -> torch.nn.Module:
     return load_pretrained(cfg.model)
 
 
+def check_dense(cfg: RunConfig, dense: torch.nn.Module) -> None:
+    """Refuse a caller's ``dense`` model that is not the one ``cfg`` names, before anything
+    runs: its parameter and buffer names and shapes must be those of ``cfg.model`` built for
+    ``cfg.dataset`` (built on the meta device: no memory, no weights), and its floating tensors
+    float32, the dtype of the images the pipeline feeds it. Another architecture used to run
+    silently and report its numbers under ``cfg.model``'s name; another dtype failed inside
+    torch with a message naming no setting. Raises ValueError naming the first difference."""
+    from .models import create_model
+
+    with torch.device("meta"):
+        ref = create_model(cfg.model, get_spec(cfg.dataset).num_classes)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        k = diff[0]
+        raise ValueError(f"the dense model passed is not a {cfg.model} for {cfg.dataset}: "
+                         f"{k!r} is {got.get(k, 'missing')} in it and {want.get(k, 'absent')} "
+                         f"in a {cfg.model}; pass a {cfg.model}, or set model to the dense "
+                         f"model's architecture")
+    dtypes = sorted({str(t.dtype) for t in dense.state_dict().values()
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(f"the dense model passed holds {', '.join(dtypes)} tensors; the "
+                         f"pipeline feeds float32 images: pass dense.float()")
+
+
 def input_resolution(cfg: RunConfig) -> int | None:
     """The side length the dense model expects: explicit, else what it was trained at (the
     sidecar of a checkpoint from ``sparse-repair train``), else None (the data set default).
@@ -236,7 +263,8 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
                ) -> list[dict]:
     """Prune ``dense`` once by ``cfg``, repair a copy per entry of ``cfg.repairs`` on the same
     calibration images, evaluate each: one row (dict) per repair, with the repair's per-BN
-    statistics under "layers" (``RepairReport.to_dict(with_layers=True)``)."""
+    statistics under "layers" (``RepairReport.to_dict(with_layers=True)``). A ``dense`` given
+    must be ``cfg.model`` in float32 (``check_dense``: ValueError otherwise)."""
     return _run(cfg, dense, progress)[0]
 
 
@@ -245,6 +273,8 @@ def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
     # e.g. shrinkage without asr would be dropped, repairs=[] would return no rows
     cfg.check()
     check_device(cfg.device, available=True)
+    if dense is not None:
+        check_dense(cfg, dense)
     dense = (dense if dense is not None else load_dense(cfg)).to(cfg.device).eval()
     pruned = copy.deepcopy(dense)
     alloc = allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)

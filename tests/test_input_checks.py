@@ -307,3 +307,15 @@ def test_train_refuses_bad_numbers_before_any_data_is_read(tmp_path, field, valu
     with pytest.raises(ValueError, match=match):
         train(cfg, progress=False)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_run_single_refuses_a_dense_model_of_another_architecture():
+    """run_single(cfg, dense=...) is checked like select: another architecture ran silently
+    under cfg.model's name."""
+    from sparse_repair.models import create_model
+    from sparse_repair.run import RunConfig, run_single
+
+    cfg = RunConfig(model="resnet8", dataset="digits", allocation="erk", sparsity=0.5,
+                    repairs=["none"], pretrained=False, weights=None)
+    with pytest.raises(ValueError, match="not a resnet8 for digits"):
+        run_single(cfg, dense=create_model("resnet20", 10))

@@ -421,7 +421,8 @@ def test_options_defaults_and_bad_values():
                           ("max_solve_gflop", 0), ("max_solve_gflop", "big"),
                           ("max_solve_gflop", float("inf")),
                           ("max_positions", 1.5), ("target", "both"), ("prior", "one"),
-                          ("then", "asr"), ("seed", "zero"), ("path", "fast")):
+                          ("then", "asr"), ("seed", "zero"), ("seed", -1), ("seed", 2**70),
+                          ("path", "fast")):
         with pytest.raises(ValueError, match=option.split("_")[0]):
             impl.resolve(**{option: value})
 

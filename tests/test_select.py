@@ -432,3 +432,18 @@ def test_search_keeps_its_work_when_the_anchors_share_no_kept_layer():
     with pytest.raises(EmptyMixError, match="no common layer"):
         interpolate(a, b, 0.5)
     assert interpolate(a, b, 0.0).keep.tolist() == [8, 0]
+
+
+def test_a_dense_model_that_is_not_the_configured_one_is_refused_before_anything_runs():
+    """select(cfg, dense=...) used the model it was given whatever cfg.model said, and reported
+    a random ResNet-20's numbers under resnet8's name; a float64 dense failed inside torch."""
+    from sparse_repair.models import create_model
+
+    cfg = _cfg(allocations=["erk"], repairs=["none"])
+    other = create_model("resnet20", 10)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="not a resnet8 for digits.*pass a resnet8"):
+        select(cfg, dense=other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match=r"torch.float64 tensors.*dense.float\(\)"):
+        select(cfg, dense=create_model("resnet8", 10).double())

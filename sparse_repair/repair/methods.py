@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import check_seed
 from .engine import PATHS, BNPlan, BNSite, PassResult, run_paired
 from .moments import SHRINKAGE, Moments, dead_channels
 
@@ -439,8 +440,9 @@ class ReconstructOptions(EngineOptions):
         for option, value, valid in (("target", self.target, TARGETS),
                                      ("prior", self.prior, PRIORS), ("then", self.then, THEN)):
             _choice(option, value, valid)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        check_seed(self.seed)  # torch's range: its own overflow error named no option
         if self.max_solve_gflop is not None and not (
                 _is_number(self.max_solve_gflop) and 0 < self.max_solve_gflop < float("inf")):
             raise ValueError(f"max_solve_gflop must be a finite number > 0 (GFLOP per layer) "

@@ -21,7 +21,7 @@ from ..evaluate import evaluate, label_free_scores, predict_logits
 from ..progress import progress_bar
 from ..pruning import prune_
 from ..repair import list_repairs, repair
-from ..run import RunConfig, input_resolution, load_dense
+from ..run import RunConfig, check_dense, input_resolution, load_dense
 
 CRITERIA = ("kl", "agreement")
 
@@ -350,7 +350,8 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     device it came in; its weights are never changed (candidates are pruned copies). The
     result's ``seconds`` is the whole call (s), loading and evaluation included.
     Raises, before any candidate runs: the errors of ``SelectConfig.check``, of
-    ``data.scoring_set`` (calib + scoring above the train split), ``run.load_dense`` and
+    ``data.scoring_set`` (calib + scoring above the train split), ``run.check_dense`` (a
+    ``dense`` of another architecture or dtype), ``run.load_dense`` and
     ``weights.check_weights_fit`` (weights that do not fit the data set)."""
     start = time.perf_counter()
     calls = cfg.check()
@@ -358,6 +359,8 @@ def select(cfg: SelectConfig, dense: torch.nn.Module | None = None, progress: bo
     resolution = input_resolution(run_cfg)
     spec = get_spec(cfg.dataset)
     check_device(cfg.device, available=True)
+    if dense is not None:
+        check_dense(run_cfg, dense)
     given = dense
     was_training = given.training if given is not None else None
     was_on = next(given.parameters(), torch.empty(0)).device if given is not None else None
