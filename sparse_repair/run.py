@@ -265,6 +265,9 @@ def run_single(cfg: RunConfig, dense: torch.nn.Module | None = None, progress: b
     calibration images, evaluate each: one row (dict) per repair, with the repair's per-BN
     statistics under "layers" (``RepairReport.to_dict(with_layers=True)``). A ``dense`` given
     must be ``cfg.model`` in float32 (``check_dense``: ValueError otherwise)."""
+    if dense is not None:  # a caller's model; run_config's come from load_dense
+        cfg.check()
+        check_dense(cfg, dense)
     return _run(cfg, dense, progress)[0]
 
 
@@ -273,8 +276,6 @@ def _run(cfg: RunConfig, dense: torch.nn.Module | None, progress: bool):
     # e.g. shrinkage without asr would be dropped, repairs=[] would return no rows
     cfg.check()
     check_device(cfg.device, available=True)
-    if dense is not None:
-        check_dense(cfg, dense)
     dense = (dense if dense is not None else load_dense(cfg)).to(cfg.device).eval()
     pruned = copy.deepcopy(dense)
     alloc = allocate(pruned, cfg.allocation, cfg.sparsity, exclude=cfg.exclude)
